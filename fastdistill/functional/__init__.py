@@ -4,5 +4,6 @@ One module per family; everything is re-exported here, so ``import fastdistill.f
 """
 
 from fastdistill.functional.logit import distill_loss, kl_div
+from fastdistill.functional.fused_linear import fused_linear_distill_loss
 
-__all__ = ["distill_loss", "kl_div"]
+__all__ = ["distill_loss", "kl_div", "fused_linear_distill_loss"]

@@ -1,5 +1,6 @@
 """nn.Module drop-ins: each stores its options and calls the functional API."""
 
 from fastdistill.nn.logit import DistillLoss, KLDivLoss
+from fastdistill.nn.fused_linear import FusedLinearDistillLoss
 
-__all__ = ["DistillLoss", "KLDivLoss"]
+__all__ = ["DistillLoss", "KLDivLoss", "FusedLinearDistillLoss"]

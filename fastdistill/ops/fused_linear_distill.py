@@ -1,0 +1,445 @@
+"""Fused lm-head + distillation loss: the [N, V] logits of student and teacher never exist at once.
+
+Per chunk of valid rows (rows whose label is ``ignore_index`` are dropped before any matmul):
+
+    s   = X_c W_s^T (+ b_s)                         [C, Vs]  student logits of the chunk
+    t   = X_t,c W_t^T (+ b_t)   (no grad)          [C, Vt]  dense teacher, or the top-k (values, indices) [C, k]
+    rows, dlogits = row terms of  hard_weight * CE(s, labels) + soft_weight * D(teacher, student)
+    dX_c = dlogits W_s ;  dW += dlogits^T X_c ;  db += sum_rows dlogits
+
+so the op returns the loss together with the gradients of student hidden, weight and bias, and backward only scales
+them by grad_output. Every chunk-local temporary is O(C x V); nothing O(N x V) is allocated.
+
+The soft term of a dense teacher is one call of the shared row kernel ``distill_loss_rows`` (Triton / C++ / torch)
+over the common vocabulary prefix ``[:min(Vs, Vt)]`` (the extra, padding columns are sliced off, so they are excluded
+from both softmaxes instead of being zero-padded). The hard term (cross-entropy over the student's full vocabulary at
+temperature 1) is computed from the same chunk logits; for a dense teacher it reads the chunk once more for its
+logsumexp, because the row kernel does not return the student's softmax statistics. The top-k path computes the
+student's logsumexp at T and at 1 in one pass (``_topk_chunk_torch`` / the Triton kernels in
+``fastdistill.kernels.topk_distill``) and shares it between the CE and the sparse divergence.
+
+Top-k teachers (``topk_values`` [N, k], ``topk_indices`` [N, k], distinct indices per row): the divergence is taken
+between two distributions over k + 1 buckets, the k teacher tokens and one tail bucket "every other token":
+
+    student:  p_s(idx_j) from the student's full softmax over Vs at temperature T; tail = 1 - sum_j p_s(idx_j)
+    teacher:  renormalize  q_j = softmax_j(values / T), tail 0 (logits or log-probs give the same q)
+              bucket       q_j = exp(values_j), tail = 1 - sum_j q_j (values are log-probs of the teacher at T)
+
+With ``renormalize`` and forward KL this is the sparse KD of DistillKit (teacher renormalized over its top k, student
+log-probs from the full softmax); ``bucket`` is the tail-bucket variant (TRL / DistillKit). Reverse KL against a
+renormalized teacher is infinite (the student has mass where the teacher has none) and is rejected up front.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastdistill import _backend
+from fastdistill.ops import distill_loss as _dl
+from fastdistill.reference import DIVERGENCES, REDUCTIONS, divergence_rows
+
+DIVERGENCE_ID = _dl.DIVERGENCE_ID
+REDUCTION_ID = _dl.REDUCTION_ID
+TOPK_TAILS = ("renormalize", "bucket")
+TOPK_VALUES = ("logprobs", "logits")
+
+# budget for one [C, Vs + Vt] fp32 block of chunk logits; the chunk's live temporaries are a small multiple of it
+_CPU_CHUNK_BYTES = 32 * 2**20
+_CUDA_CHUNK_BYTES_MAX = 512 * 2**20
+
+
+def choose_chunk_size(n_rows: int, v_student: int, v_teacher: int, hidden: int, device: torch.device) -> int:
+    """Rows per chunk from N, V, H and free memory (a power of two, at least 16, at most ``n_rows``).
+
+    The chunk's logits block (student + teacher, fp32 math) is kept near 32 MiB on CPU (cache-friendly; larger blocks
+    only add memory) and at most 1/16 of free memory (capped at 512 MiB) on CUDA; rows are also kept at least as many
+    as ``hidden / 8`` so the three matmuls per chunk stay large enough to run near the device's matmul rate.
+    """
+    row_bytes = 4 * (v_student + v_teacher)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(free // 16, _CUDA_CHUNK_BYTES_MAX)
+    else:
+        budget = _CPU_CHUNK_BYTES
+    rows = max(budget // max(row_bytes, 1), hidden // 8, 16)
+    rows = 1 << (int(rows).bit_length() - 1)  # floor to a power of two
+    return int(max(1, min(rows, max(n_rows, 1))))
+
+
+def _soft_backend(device: torch.device, divergence: int, backend: str) -> str:
+    """The dense row kernel's backend; Triton falls back to torch when that launcher is not present in this build."""
+    resolved = _dl.resolve_backend(device, divergence, backend)
+    if resolved == "triton":
+        try:
+            import fastdistill.ops.distill_loss_triton  # noqa: F401
+        except ImportError:
+            return "torch"
+    return resolved
+
+
+def topk_backend(device: torch.device, backend: str) -> str:
+    """The top-k kernels exist in Triton and torch; ``cpp`` / ``cuda`` run the torch version of this step."""
+    if backend == "triton":
+        return "triton"
+    if backend == "auto" and device.type == "cuda" and _backend.triton_available():
+        return "triton"
+    return "torch"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Per-chunk row terms (torch). Each returns (ce_rows or None, soft_rows or None, dlogits fp32 [C, Vs]) where dlogits is
+# already multiplied by the weights and the batch normalisation.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _ce_rows_and_grad(s32: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, scale: float):
+    """CE rows and ``scale * (softmax(s) - onehot(labels))`` from the chunk's logits and their logsumexp."""
+    ce = lse - s32.gather(1, labels[:, None]).squeeze(1)
+    grad = torch.exp(s32 - lse[:, None]).mul_(scale)
+    grad.scatter_add_(1, labels[:, None], torch.full_like(labels[:, None], -scale, dtype=grad.dtype))
+    return ce, grad
+
+
+def teacher_topk_logprobs(values: torch.Tensor, tail: int, temperature: float) -> torch.Tensor:
+    """Teacher bucket log-probs [C, k + 1] (k tokens, then the tail) in fp32."""
+    v = values.float()
+    if tail == 0:  # renormalize over the top k
+        lq = torch.log_softmax(v / temperature, dim=-1)
+        lq_tail = torch.full_like(lq[:, :1], -math.inf)
+    else:  # bucket: values are log-probs at temperature T; the tail holds the rest of the mass
+        lq = v
+        rest = -torch.expm1(torch.logsumexp(v, dim=-1, keepdim=True))  # 1 - sum_j q_j
+        lq_tail = torch.where(rest > 0, torch.log(rest.clamp_min(1e-38)), torch.full_like(rest, -math.inf))
+    return torch.cat([lq, lq_tail], dim=-1)
+
+
+def bucket_divergence_and_grad(ls: torch.Tensor, lq: torch.Tensor, divergence: int, beta: float):
+    """Divergence rows D(q, p_s) over k + 1 buckets and g = dD / d log p_s(bucket) (small: [C, k + 1])."""
+    name = DIVERGENCES[divergence]
+
+    def rows_of(x):
+        # inputs are normalized log-probs: log_softmax inside divergence_rows is the identity on them, and its
+        # Jacobian's extra term vanishes once chained with d log p / d s (sum_j p_j d log p_j / ds = 0)
+        return divergence_rows(x, lq, name, beta, 1.0)
+
+    rows, vjp = torch.func.vjp(rows_of, ls)
+    (g,) = vjp(torch.ones_like(rows))
+    return rows, g
+
+
+def _topk_chunk_torch(s32, values, indices, labels, divergence, beta, temperature, tail, soft_scale, loss_scale,
+                      hard_scale, need_soft, need_hard):
+    """Top-k chunk in torch: one logsumexp per temperature (shared with CE when T = 1), gather, bucket divergence."""
+    T = temperature
+    zT = s32 / T if T != 1.0 else s32
+    lseT = torch.logsumexp(zT, dim=-1)
+    lse1 = lseT if T == 1.0 else (torch.logsumexp(s32, dim=-1) if need_hard else None)
+    dlogits = torch.zeros_like(s32)
+    soft_rows = ce_rows = None
+    if need_soft:
+        p = torch.exp(zT - lseT[:, None])  # [C, Vs]
+        ls_k = zT.gather(1, indices) - lseT[:, None]
+        in_topk = torch.zeros_like(p, dtype=torch.bool).scatter_(1, indices, True)
+        tail_mass = torch.where(in_topk, torch.zeros_like(p), p).sum(-1)
+        ls_tail = torch.where(tail_mass > 0, tail_mass.clamp_min(1e-38).log(), torch.full_like(tail_mass, -math.inf))
+        ls = torch.cat([ls_k, ls_tail[:, None]], dim=-1)
+        lq = teacher_topk_logprobs(values, tail, T)
+        rows, g = bucket_divergence_and_grad(ls, lq, divergence, beta)
+        soft_rows = rows * loss_scale
+        coef = soft_scale * loss_scale / T
+        G = g.sum(-1)
+        a = torch.where(g[:, -1] != 0, g[:, -1] / tail_mass.clamp_min(1e-38), torch.zeros_like(G))
+        # d/ds_v: p_v (a [v not in top k] - G) + g_j [v = idx_j], all / T
+        dlogits = p * (torch.where(in_topk, torch.zeros_like(p), a[:, None]) - G[:, None])
+        dlogits.scatter_add_(1, indices, g[:, :-1])
+        dlogits.mul_(coef)
+    if need_hard:
+        ce_rows, g_ce = _ce_rows_and_grad(s32, lse1, labels, hard_scale)
+        dlogits.add_(g_ce)
+    return ce_rows, soft_rows, dlogits
+
+
+def _topk_chunk_triton(s, values, indices, labels, divergence, beta, temperature, tail, soft_scale, loss_scale,
+                       hard_scale, need_soft, need_hard):
+    """Top-k chunk with the Triton kernels: pass 1 (softmax stats at T and 1, exact tail mass), the small bucket
+    divergence in torch, pass 2 (dlogits over the vocabulary)."""
+    from fastdistill.ops.fused_linear_distill_triton import topk_grad, topk_stats
+
+    T = temperature
+    lseT, lse1, log_tail = topk_stats(s, indices, T, need_hard)
+    C, k = indices.shape
+    zero = torch.zeros(C, device=s.device, dtype=torch.float32)
+    soft_rows = ce_rows = None
+    if need_soft:
+        ls_k = s.gather(1, indices).float() / T - lseT[:, None]
+        ls = torch.cat([ls_k, log_tail[:, None]], dim=-1)
+        lq = teacher_topk_logprobs(values, tail, T)
+        rows, g = bucket_divergence_and_grad(ls, lq, divergence, beta)
+        soft_rows = rows * loss_scale
+        coef = soft_scale * loss_scale / T
+        tail_mass = log_tail.exp()
+        G = g.sum(-1) * coef
+        a = torch.where(g[:, -1] != 0, g[:, -1] / tail_mass.clamp_min(1e-38), zero) * coef
+        g_k = (g[:, :-1] * coef).contiguous()
+    else:
+        G, a, g_k = zero, zero, torch.zeros(C, k, device=s.device, dtype=torch.float32)
+    if need_hard:
+        ce_rows = lse1 - s.gather(1, labels[:, None]).squeeze(1).float()
+    dlogits = topk_grad(s, indices, g_k, G, a, lseT, lse1 if need_hard else zero, labels, T, hard_scale, need_soft,
+                        need_hard)
+    return ce_rows, soft_rows, dlogits
+
+
+def _dense_chunk(s, t, labels, divergence, beta, temperature, soft_scale, loss_scale, hard_scale, need_soft, need_hard,
+                 need_grad, soft_backend):
+    """Dense teacher chunk: the row kernel on the common vocabulary prefix, CE on the same logits."""
+    Vc = min(s.shape[1], t.shape[1])
+    soft_rows = ce_rows = None
+    dlogits = None
+    if need_soft:
+        grad_scale = torch.full((1,), soft_scale, dtype=torch.float32, device=s.device)
+        soft_rows, g_soft = _dl.distill_loss_rows(
+            s[:, :Vc], t[:, :Vc], None, grad_scale, divergence, beta, temperature, -100, loss_scale, need_grad,
+            soft_backend,
+        )
+    if need_hard:
+        s32 = s.float()
+        lse = torch.logsumexp(s32, dim=-1)
+        ce_rows, dlogits = _ce_rows_and_grad(s32, lse, labels, hard_scale)
+        if not need_grad:
+            dlogits = None
+    if need_soft and need_grad:
+        if dlogits is None:
+            if Vc == s.shape[1]:
+                dlogits = g_soft
+            else:
+                dlogits = s.new_zeros(s.shape)
+                dlogits[:, :Vc] = g_soft
+        else:
+            dlogits[:, :Vc] += g_soft
+    return ce_rows, soft_rows, dlogits
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The op
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def fused_linear_distill_forward(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    student_bias: torch.Tensor | None,
+    teacher_hidden: torch.Tensor | None,
+    teacher_weight: torch.Tensor | None,
+    teacher_bias: torch.Tensor | None,
+    topk_values: torch.Tensor | None,
+    topk_indices: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    divergence: int,
+    beta: float,
+    temperature: float,
+    hard_weight: float,
+    soft_weight: float,
+    ignore_index: int,
+    reduction: int,
+    scale_by_t2: bool,
+    topk_tail: int,
+    chunk_size: int,
+    accum_fp32: bool,
+    need_grad_hidden: bool,
+    need_grad_weight: bool,
+    need_grad_bias: bool,
+    backend: str,
+):
+    """Chunked forward; returns (loss, ce, soft, grad_hidden, grad_weight, grad_bias). See the module docstring.
+
+    ``student_hidden`` [N, Hs], ``labels`` [N] or None; ``chunk_size`` <= 0 picks it automatically. ``ce`` and
+    ``soft`` are the unweighted terms with the same reduction as ``loss``.
+    """
+    X, W = student_hidden, student_weight
+    N, Hs = X.shape
+    Vs = W.shape[0]
+    device, dtype = X.device, X.dtype
+    divergence = _dl.canonical_divergence(divergence, beta)
+    need_grad = need_grad_hidden or need_grad_weight or need_grad_bias
+    need_soft = soft_weight != 0.0 and (teacher_weight is not None or topk_values is not None)
+    need_hard = hard_weight != 0.0 and labels is not None
+    sparse = topk_values is not None
+
+    if labels is not None:
+        valid_idx = (labels != ignore_index).nonzero().squeeze(1)  # compact: ignored rows cost no matmul
+        n_valid = int(valid_idx.numel())
+    else:
+        valid_idx = None
+        n_valid = N
+    norm = 1.0 / max(n_valid, 1) if reduction == REDUCTION_ID["batchmean"] else 1.0
+    loss_scale = temperature * temperature if scale_by_t2 else 1.0
+    soft_scale, hard_scale = soft_weight * norm, hard_weight * norm
+
+    acc_dtype = torch.float32 if accum_fp32 else W.dtype
+    grad_hidden = torch.zeros_like(X) if need_grad_hidden else X.new_empty(0)
+    grad_weight = torch.zeros(W.shape, dtype=acc_dtype, device=device) if need_grad_weight else W.new_empty(0)
+    grad_bias = (
+        torch.zeros(Vs, dtype=torch.float32, device=device) if need_grad_bias else W.new_empty(0, dtype=torch.float32)
+    )
+    per_row = reduction == REDUCTION_ID["none"]
+    ce_out = torch.zeros(N if per_row else (), dtype=torch.float32, device=device)
+    soft_out = torch.zeros(N if per_row else (), dtype=torch.float32, device=device)
+
+    if chunk_size <= 0:
+        Vt = teacher_weight.shape[0] if teacher_weight is not None else (topk_values.shape[1] if sparse else 0)
+        chunk_size = choose_chunk_size(n_valid, Vs, Vt, Hs, device)
+    soft_backend = _soft_backend(device, divergence, backend) if (need_soft and not sparse) else "torch"
+    k_backend = topk_backend(device, backend) if sparse else "torch"
+
+    for start in range(0, n_valid, chunk_size):
+        stop = min(start + chunk_size, n_valid)
+        rows = valid_idx[start:stop] if valid_idx is not None else None
+
+        def take(x):
+            if x is None:
+                return None
+            return x.index_select(0, rows) if rows is not None else x[start:stop]
+
+        X_c = take(X)
+        lab_c = take(labels)
+        s = torch.nn.functional.linear(X_c, W, student_bias)  # [C, Vs]
+        if sparse:
+            args = (take(topk_values), take(topk_indices), lab_c, divergence, beta, temperature, topk_tail, soft_scale,
+                    loss_scale, hard_scale, need_soft, need_hard)
+            if k_backend == "triton":
+                ce_rows, soft_rows, dlogits = _topk_chunk_triton(s, *args)
+            else:
+                ce_rows, soft_rows, dlogits = _topk_chunk_torch(s.float(), *args)
+        else:
+            t = None
+            if need_soft:
+                with torch.no_grad():
+                    t = torch.nn.functional.linear(take(teacher_hidden), teacher_weight, teacher_bias).to(dtype)
+            ce_rows, soft_rows, dlogits = _dense_chunk(
+                s, t, lab_c, divergence, beta, temperature, soft_scale, loss_scale, hard_scale, need_soft, need_hard,
+                need_grad, soft_backend,
+            )
+            del t
+        del s
+        for out, part in ((ce_out, ce_rows), (soft_out, soft_rows)):
+            if part is None:
+                continue
+            if per_row:
+                if rows is not None:
+                    out.index_copy_(0, rows, part.float())
+                else:
+                    out[start:stop] = part
+            else:
+                out.add_(part.float().sum())
+        if not need_grad or dlogits is None:
+            continue
+        d = dlogits.to(dtype)
+        if need_grad_hidden:
+            dX_c = d @ W  # [C, Hs]
+            if rows is not None:
+                grad_hidden.index_copy_(0, rows, dX_c)
+            else:
+                grad_hidden[start:stop] = dX_c
+        if need_grad_weight:
+            if acc_dtype == dtype:
+                grad_weight.addmm_(d.t(), X_c)
+            else:  # fp32 accumulation of a low-precision weight's gradient
+                grad_weight.addmm_(d.t().float(), X_c.float())
+        if need_grad_bias:
+            grad_bias.add_(dlogits.float().sum(0))
+        del dlogits, d
+
+    if not per_row:
+        ce_out.mul_(norm)
+        soft_out.mul_(norm)
+    loss = hard_weight * ce_out + soft_weight * soft_out
+    return loss, ce_out, soft_out, grad_hidden, grad_weight, grad_bias
+
+
+@torch.library.custom_op("fastdistill::fused_linear_distill", mutates_args=())
+def fused_linear_distill_op(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    student_bias: torch.Tensor | None,
+    teacher_hidden: torch.Tensor | None,
+    teacher_weight: torch.Tensor | None,
+    teacher_bias: torch.Tensor | None,
+    topk_values: torch.Tensor | None,
+    topk_indices: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    divergence: int,
+    beta: float,
+    temperature: float,
+    hard_weight: float,
+    soft_weight: float,
+    ignore_index: int,
+    reduction: int,
+    scale_by_t2: bool,
+    topk_tail: int,
+    chunk_size: int,
+    accum_fp32: bool,
+    need_grad_hidden: bool,
+    need_grad_weight: bool,
+    need_grad_bias: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, ce, soft, grad_hidden, grad_weight, grad_bias); inputs already validated by the functional API."""
+    return fused_linear_distill_forward(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, topk_values,
+        topk_indices, labels, divergence, beta, temperature, hard_weight, soft_weight, ignore_index, reduction,
+        scale_by_t2, topk_tail, chunk_size, accum_fp32, need_grad_hidden, need_grad_weight, need_grad_bias, backend,
+    )
+
+
+@fused_linear_distill_op.register_fake
+def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, topk_values,
+      topk_indices, labels, divergence, beta, temperature, hard_weight, soft_weight, ignore_index, reduction,
+      scale_by_t2, topk_tail, chunk_size, accum_fp32, need_grad_hidden, need_grad_weight, need_grad_bias, backend):
+    N = student_hidden.shape[0]
+    shape = (N,) if reduction == REDUCTION_ID["none"] else ()
+    loss = student_hidden.new_empty(shape, dtype=torch.float32)
+    ce = student_hidden.new_empty(shape, dtype=torch.float32)
+    soft = student_hidden.new_empty(shape, dtype=torch.float32)
+    gx = torch.empty_like(student_hidden) if need_grad_hidden else student_hidden.new_empty(0)
+    acc = torch.float32 if accum_fp32 else student_weight.dtype
+    gw = student_weight.new_empty(student_weight.shape, dtype=acc) if need_grad_weight else student_weight.new_empty(0)
+    gb = student_weight.new_empty((student_weight.shape[0] if need_grad_bias else 0,), dtype=torch.float32)
+    return loss, ce, soft, gx, gw, gb
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.reduction = inputs[15]
+    ctx.weight_dtype = inputs[1].dtype
+    ctx.bias_dtype = inputs[2].dtype if inputs[2] is not None else None
+    ctx.save_for_backward(output[3], output[4], output[5])
+
+
+def _scale(grad: torch.Tensor, grad_loss: torch.Tensor, reduction: int) -> torch.Tensor:
+    if grad.numel() == 0:
+        return grad
+    if reduction == REDUCTION_ID["none"]:
+        # the gradients were accumulated for loss.sum(); a per-row grad_output can only be applied when it is uniform
+        scale = grad_loss.reshape(-1)[:1] if grad_loss.numel() else grad_loss.new_ones(1)
+        if not torch.compiler.is_compiling() and grad_loss.numel() and not torch.all(grad_loss == scale):
+            raise RuntimeError(
+                "fused_linear_distill_loss(reduction='none') supports backward only through a uniform weighting of "
+                "the rows (e.g. loss.sum() or loss.mean()); use reduction='sum' / 'batchmean' for weighted rows"
+            )
+        return grad * scale.to(grad.dtype).reshape(())
+    if torch.compiler.is_compiling() or not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+        return grad * grad_loss.to(grad.dtype)  # skipped in eager when grad_output is exactly 1
+    return grad
+
+
+def _backward(ctx, grad_loss, _g_ce, _g_soft, _g_x, _g_w, _g_b):
+    gx, gw, gb = ctx.saved_tensors
+    gx = _scale(gx, grad_loss, ctx.reduction) if gx.numel() else None
+    gw = _scale(gw, grad_loss, ctx.reduction).to(ctx.weight_dtype) if gw.numel() else None
+    gb = _scale(gb, grad_loss, ctx.reduction).to(ctx.bias_dtype) if gb.numel() and ctx.bias_dtype else None
+    return (gx, gw, gb) + (None,) * 21
+
+
+fused_linear_distill_op.register_autograd(_backward, setup_context=_setup_context)
