@@ -2,5 +2,7 @@
 
 from fastdistill.nn.logit import DistillLoss, KLDivLoss
 from fastdistill.nn.fused_linear import FusedLinearDistillLoss
+from fastdistill.nn.intermediate import AffinityDistillLoss, AttentionDistillLoss, GlimpseHintLoss, HintLoss
 
 __all__ = ["DistillLoss", "KLDivLoss", "FusedLinearDistillLoss"]
+__all__ += ["AffinityDistillLoss", "AttentionDistillLoss", "GlimpseHintLoss", "HintLoss"]
