@@ -79,6 +79,7 @@ def requested_backend() -> str:
     return value
 
 
+@torch.compiler.assume_constant_result
 def choose_backend(
     device: torch.device, *, cpp_op: str | None = None, cuda_op: str | None = None, backend: str | None = None
 ) -> str:
@@ -88,6 +89,8 @@ def choose_backend(
         device: where the op's inputs live.
         cpp_op / cuda_op: name of the extension op that implements it on CPU / CUDA (None: no such kernel).
         backend: an explicit choice (overrides ``FASTDISTILL_BACKEND``); ``None`` or ``"auto"`` decides here.
+
+    Under torch.compile the choice is made once at trace time and baked into the graph as a constant.
     """
     choice = (backend or requested_backend()).lower()
     if choice not in BACKENDS + ("auto",):

@@ -40,6 +40,10 @@ def divergence_rows(
         divergence = "forward_kl"  # TRL / Liger convention at the end points
     elif divergence == "jsd" and beta == 1.0:
         divergence = "reverse_kl"
+    if divergence in ("jsd", "skew_forward_kl", "skew_reverse_kl"):
+        # entries masked in both models (-inf in both): keep log-mixtures finite so their gradient is 0, not NaN
+        keep = (ps > 0) | (pt > 0)
+        s, t = torch.where(keep, s, torch.zeros_like(s)), torch.where(keep, t, torch.zeros_like(t))
     if divergence == "forward_kl":
         return _safe_term(pt, t - s).sum(-1)
     if divergence == "reverse_kl":

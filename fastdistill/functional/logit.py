@@ -127,6 +127,8 @@ def kl_div(
 
     ``input`` holds log-probabilities, ``target`` probabilities (or log-probabilities with ``log_target=True``);
     the pointwise loss is :math:`t (\log t - x)` (:math:`e^{t}(t - x)` for ``log_target``), 0 where t = 0.
+    One deliberate difference: a ``log_target`` entry of ``-inf`` (probability 0) contributes 0 here, where torch's
+    fused paths return NaN (``0 * -inf``); everywhere else values and gradients agree.
     Reductions: ``mean`` (over all elements), ``batchmean`` (sum / ``input.size(0)``), ``sum``, ``none``.
 
     For ``mean`` / ``batchmean`` / ``sum`` the loss and the gradient w.r.t. ``input`` come from one fused pass and

@@ -13,9 +13,12 @@ tensor and no [N, V] memory is written.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastdistill import _backend
+from fastdistill.ops._autograd import is_exactly_one
 from fastdistill.reference import DIVERGENCES, REDUCTIONS, divergence_rows
 
 DIVERGENCE_ID = {name: i for i, name in enumerate(DIVERGENCES)}
@@ -37,23 +40,53 @@ def resolve_backend(device: torch.device, divergence: int, backend: str | None =
     return _backend.choose_backend(device, cpp_op="distill_loss_rows", cuda_op=cuda_op, backend=backend)
 
 
+def _student_grad_torch(s: torch.Tensor, t: torch.Tensor, divergence: int, beta: float) -> torch.Tensor:
+    """Closed-form d D / d (student logits / T) for log-probabilities s, t [N, V] (fp32).
+
+    For D(p_s) with a_j = dD/dp_s,j the softmax chain rule gives g = p_s * (a - sum_k p_s,k a_k); the KLs simplify.
+    Entries where the student probability is 0 get 0 (masked vocabulary).
+    """
+    ps, pt = s.exp(), t.exp()
+    if divergence == DIVERGENCE_ID["forward_kl"]:
+        return ps - pt
+    zero = torch.zeros_like(s)
+    keep = ps > 0
+    if divergence == DIVERGENCE_ID["reverse_kl"]:
+        a = torch.where(keep, s - t, zero)
+    elif divergence == DIVERGENCE_ID["tvd"]:
+        a = 0.5 * torch.sign(ps - pt)
+    else:
+        both = keep | (pt > 0)
+        s_, t_ = torch.where(both, s, zero), torch.where(both, t, zero)
+        if divergence == DIVERGENCE_ID["jsd"]:
+            log_m = torch.logaddexp(s_ + math.log1p(-beta), t_ + math.log(beta))
+            a = (1 - beta) * torch.where(keep, s_ - log_m, zero)
+        elif divergence == DIVERGENCE_ID["skew_forward_kl"]:  # m = beta p_t + (1 - beta) p_s
+            if beta == 1.0:
+                return zero
+            log_m = t_ if beta == 0.0 else torch.logaddexp(t_ + math.log(beta), s_ + math.log1p(-beta))
+            a = -(1 - beta) * torch.exp(t_ - log_m) * (pt > 0)
+        else:  # skew_reverse_kl: m = beta p_s + (1 - beta) p_t
+            log_m = s_ if beta == 1.0 else (t_ if beta == 0.0 else torch.logaddexp(s_ + math.log(beta), t_ + math.log1p(-beta)))
+            a = torch.where(keep, s_ - log_m - beta * torch.exp(s_ - log_m), zero)
+    a = torch.where(keep, a, zero)
+    return ps * (a - (ps * a).sum(-1, keepdim=True))
+
+
 def _rows_torch(student, teacher, labels, grad_scale, divergence, beta, temperature, ignore_index, loss_scale, need_grad):
-    """Torch fallback of the row contract: the reference in fp32, its gradient by torch.func (materializes [N, V]
-    temporaries; plain autograd is unavailable inside a custom op's implementation)."""
-    t = teacher.float()
-
-    def rows_of(s):
-        rows = divergence_rows(s, t, DIVERGENCES[divergence], beta, temperature) * loss_scale
-        if labels is not None:
-            rows = torch.where(labels != ignore_index, rows, torch.zeros_like(rows))
-        return rows
-
-    s = student.float()
+    """Torch fallback of the row contract: loss from the reference, gradient in closed form (fp32 temporaries)."""
+    s = torch.log_softmax(student.float() / temperature, dim=-1)
+    t = torch.log_softmax(teacher.float() / temperature, dim=-1)
+    rows = divergence_rows(student.float(), teacher.float(), DIVERGENCES[divergence], beta, temperature) * loss_scale
+    valid = None if labels is None else (labels != ignore_index)
+    if valid is not None:
+        rows = torch.where(valid, rows, torch.zeros_like(rows))
     if not need_grad:
-        return rows_of(s), student.new_empty(0)
-    rows, vjp = torch.func.vjp(rows_of, s)
-    (grad,) = vjp(torch.ones_like(rows))
-    return rows, (grad * grad_scale).to(student.dtype)
+        return rows, student.new_empty(0)
+    grad = _student_grad_torch(s, t, divergence, beta) * (grad_scale * (loss_scale / temperature))
+    if valid is not None:
+        grad = torch.where(valid[:, None], grad, torch.zeros_like(grad))
+    return rows, grad.to(student.dtype)
 
 
 def distill_loss_rows(
@@ -151,7 +184,7 @@ def _backward(ctx, grad_loss, _grad_grad):
         raise RuntimeError("distill_loss was run with need_grad=False; its student gradient was not computed")
     if ctx.reduction == REDUCTION_ID["none"]:
         grad = grad * grad_loss.reshape(-1, 1).to(grad.dtype)
-    elif torch.compiler.is_compiling() or not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+    elif not is_exactly_one(grad_loss):
         # the multiply is skipped in eager mode when grad_output is exactly 1 (the common case: loss.backward())
         grad = grad * grad_loss.to(grad.dtype)
     return grad.reshape(ctx.student_shape), None, None, None, None, None, None, None, None, None, None

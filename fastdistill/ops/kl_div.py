@@ -14,14 +14,17 @@ import torch
 import torch.nn.functional as F
 
 from fastdistill import _backend
+from fastdistill.ops._autograd import is_exactly_one
 
 REDUCTIONS = ("none", "batchmean", "sum", "mean")
 
 
 def _rows_torch(input, target, grad_scale, log_target, need_grad):
-    x, t = input.float(), target.float()
-    rows = F.kl_div(x, t, reduction="none", log_target=log_target).sum(-1)
-    grad = (-(t.exp() if log_target else t) * grad_scale).to(input.dtype) if need_grad else input.new_empty(0)
+    x = input.float()
+    p = target.float().exp() if log_target else target.float()
+    log_p = target.float() if log_target else torch.log(p)
+    rows = torch.where(p > 0, p * (log_p - x), torch.zeros_like(p)).sum(-1)
+    grad = (-p * grad_scale).to(input.dtype) if need_grad else input.new_empty(0)
     return rows, grad
 
 
@@ -71,7 +74,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _unused):
     (grad,) = ctx.saved_tensors
-    if torch.compiler.is_compiling() or not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+    if not is_exactly_one(grad_loss):
         grad = grad * grad_loss.to(grad.dtype)
     return grad.reshape(ctx.shape), None, None, None, None, None
 
@@ -80,8 +83,12 @@ kl_div_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def kl_div(input: torch.Tensor, target: torch.Tensor, reduction: str, log_target: bool, backend: str | None):
-    if reduction == "none" or target.requires_grad or input.dim() == 0:
+    if target.requires_grad or input.dim() == 0:
         return F.kl_div(input, target, reduction=reduction, log_target=log_target)
+    if reduction == "none":  # the output is itself [N, V]: nothing to fuse; same zero-probability rule as the kernels
+        p = target.exp() if log_target else target
+        log_p = target if log_target else torch.log(target)
+        return p * torch.where(p > 0, log_p - input, torch.zeros_like(input))
     resolved = _backend.choose_backend(input.device, cpp_op="kl_div_rows", backend=backend)
     need_grad = torch.is_grad_enabled() and input.requires_grad
     loss, _ = kl_div_op(input, target, REDUCTIONS.index(reduction), log_target, need_grad, resolved)
