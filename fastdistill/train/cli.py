@@ -1,0 +1,62 @@
+"""``fastdistill train --config RUN.yaml [key=value ...]``, also the entry point under the DeepSpeed launcher:
+
+    deepspeed [--num_gpus G] [--num_nodes N --hostfile H] --module fastdistill.train --config RUN.yaml [key=value ...]
+
+The launcher appends ``--local_rank=R`` (accepted; the rank comes from the environment). A single process without the
+launcher runs as a world of one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="fastdistill train",
+        description="Online distillation of a frozen (ZeRO-3 sharded) teacher into a student trained by DeepSpeed.",
+    )
+    p.add_argument("--config", required=True, help="the run's YAML file (see configs/)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override config keys, values parsed as YAML (e.g. schedule.max_steps=20)")
+    return p.parse_args(argv)
+
+
+def _environment() -> None:
+    """Before DeepSpeed is imported: CPU accelerator where there is no GPU, offline hub, quiet tokenizers."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    from fastdistill.train.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"fastdistill train: config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg, sort_keys=False), end="")
+        return 0
+    _environment()
+    from fastdistill.train.recipe import run
+
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""The run configuration: one YAML file per run, validated against a schema, resolved (defaults filled in) and saved.
+
+Every key, its type and its default is in ``SCHEMA`` below; ``load_config`` reads a YAML file, applies ``key=value``
+overrides (``student.deepspeed.stage=3``, values parsed as YAML), fills the defaults and checks types, required keys
+and impossible combinations. Each problem is one ``ConfigError`` whose message names the key, what was given and what
+was expected.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import yaml
+
+BUILTIN_MODELS = ("smollm2-135m-instruct",)
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
+LOSS_TYPES = ("logit_kd", "hard_ce", "hint", "attention", "affinity")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key, the value given and what was expected."""
+
+
+# A leaf is (types, default); a nested dict is a section. REQUIRED marks a key without default.
+REQUIRED = object()
+_str, _int, _float, _bool = (str,), (int,), (int, float), (bool,)
+_opt = lambda t: t + (type(None),)  # noqa: E731
+
+DEEPSPEED_TEACHER = {
+    "stage": (_int, 3),  # 3: sharded over every rank; 0: a full copy per rank
+    "offload_param": (_str, "none"),  # none | cpu | nvme
+    "nvme_path": (_opt(_str), None),
+    "prefetch_bucket_size": (_int, 50_000_000),
+    "param_persistence_threshold": (_int, 100_000),
+    "max_live_parameters": (_int, 1_000_000_000),
+    "extra": (_opt((dict,)), None),  # merged into the generated DeepSpeed config as is
+}
+DEEPSPEED_STUDENT = {
+    "stage": (_int, 2),
+    "precision": (_str, "fp32"),  # fp32 | bf16
+    "micro_batch_size": (_int, 4),  # sequences per rank per micro step
+    "gradient_accumulation_steps": (_int, 1),
+    "gradient_clipping": (_float, 1.0),
+    "optimizer": (
+        (dict,),
+        {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.95], "weight_decay": 0.0, "torch_adam": True}},
+    ),
+    "scheduler": (
+        _opt((dict,)),
+        {"type": "WarmupCosineLR", "params": {"warmup_num_steps": 10, "warmup_min_ratio": 0.0, "cos_min_ratio": 0.1}},
+    ),
+    "extra": (_opt((dict,)), None),
+}
+SCHEMA: dict[str, Any] = {
+    "run": {
+        "output_dir": (_str, REQUIRED),
+        "seed": (_int, 0),
+        "resume": (_str, "auto"),  # auto (latest checkpoint in output_dir if any) | never | a checkpoint folder
+        "loss_impl": (_str, "fused"),  # fused (no [tokens x vocab] logits) | unfused (materialized torch losses)
+        "threads": (_opt(_int), None),
+        "keep_checkpoints": (_int, 2),  # newest checkpoints kept in output_dir/checkpoints (0: all)  # torch.set_num_threads per rank (None: torch's default / launcher's)
+    },
+    "teacher": {
+        "model": (_opt(_str), None),  # builtin name, a Hugging Face folder, or a .gguf file
+        "gguf_file": (_opt(_str), None),  # GGUF file name inside the `model` folder
+        "config": (_opt((dict,)), None),  # a transformers config (model_type + fields): random weights, for tests
+        "dtype": (_str, "float32"),
+        "deepspeed": DEEPSPEED_TEACHER,
+    },
+    "student": {
+        "model": (_opt(_str), None),
+        "config": (_opt((dict,)), None),
+        "init_from_teacher": (_opt((dict,)), None),  # {layers: [0, 6, ...]}: a DistilBERT-style layer subset
+        "dtype": (_str, "float32"),
+        "deepspeed": DEEPSPEED_STUDENT,
+    },
+    "data": {
+        "source": (_str, "pydoc_topics"),  # pydoc_topics | a .txt file
+        "tokenizer": (_str, "teacher"),  # teacher | bytes | a builtin name or folder
+        "seq_len": (_int, 128),
+        "heldout_fraction": (_float, 0.05),
+        "max_train_sequences": (_opt(_int), None),
+        "max_heldout_sequences": (_opt(_int), 64),
+    },
+    "losses": ((list,), [{"type": "logit_kd", "weight": 1.0}]),
+    "schedule": {
+        "max_steps": (_int, 100),  # optimizer steps
+        "eval_every": (_int, 0),  # 0: only before and after training
+        "save_every": (_int, 0),  # 0: only at the end
+        "eval_batches": (_opt(_int), None),  # None: the whole held-out split
+        "log_every": (_int, 1),
+    },
+    "logging": {
+        "tensorboard": (_bool, True),
+        "progress_bar": (_bool, True),
+    },
+}
+LOSS_SCHEMA = {
+    "logit_kd": {"weight": _float, "divergence": _str, "beta": _float, "temperature": _float},
+    "hard_ce": {"weight": _float},
+    "hint": {"weight": _float, "layer_map": (dict,), "normalize": _bool},
+    "attention": {"weight": _float, "layer_map": (dict,), "temperature": _float},
+    "affinity": {"weight": _float, "layer_map": (dict,)},
+}
+LOSS_DEFAULTS = {
+    "logit_kd": {"divergence": "forward_kl", "beta": 0.5, "temperature": 1.0},
+    "hint": {"normalize": False},
+    "attention": {"temperature": 1.0},
+}
+
+
+def _typename(types: tuple) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true/false", dict: "a mapping",
+             list: "a list", type(None): "null"}
+    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
+
+
+def _check_type(key: str, value: Any, types: tuple) -> None:
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok:
+        raise ConfigError(f"{key}: expected {_typename(types)}, got {value!r} ({type(value).__name__})")
+
+
+def _fill(section: dict, given: Any, prefix: str) -> dict:
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {given!r}")
+    unknown = [k for k in given if k not in section]
+    if unknown:
+        raise ConfigError(f"unknown key {prefix + unknown[0]!r}; expected one of {sorted(section)}")
+    out = {}
+    for key, spec in section.items():
+        name = prefix + key
+        if isinstance(spec, dict):
+            out[key] = _fill(spec, given.get(key), name + ".")
+            continue
+        types, default = spec
+        if key not in given:
+            if default is REQUIRED:
+                raise ConfigError(f"missing required key {name!r}")
+            out[key] = copy.deepcopy(default)
+            continue
+        _check_type(name, given[key], types)
+        out[key] = given[key]
+    return out
+
+
+def _choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: got {value!r}; expected one of {list(choices)}")
+
+
+def _check_losses(losses: list) -> list:
+    out = []
+    if not losses:
+        raise ConfigError("losses: the list is empty; expected at least one of " + str(list(LOSS_TYPES)))
+    for i, item in enumerate(losses):
+        key = f"losses[{i}]"
+        if not isinstance(item, dict) or "type" not in item:
+            raise ConfigError(f"{key}: expected a mapping with a 'type' among {list(LOSS_TYPES)}, got {item!r}")
+        _choice(f"{key}.type", item["type"], LOSS_TYPES)
+        schema = LOSS_SCHEMA[item["type"]]
+        resolved = {"type": item["type"], "weight": 1.0, **copy.deepcopy(LOSS_DEFAULTS.get(item["type"], {}))}
+        for k, v in item.items():
+            if k == "type":
+                continue
+            if k not in schema:
+                raise ConfigError(f"unknown key '{key}.{k}' for a {item['type']} loss; expected one of {sorted(schema)}")
+            _check_type(f"{key}.{k}", v, schema[k])
+            resolved[k] = v
+        if resolved["weight"] < 0:
+            raise ConfigError(f"{key}.weight: got {resolved['weight']}; expected a number >= 0")
+        if item["type"] == "logit_kd":
+            _choice(f"{key}.divergence", resolved["divergence"], DIVERGENCES)
+            if not 0.0 <= resolved["beta"] <= 1.0:
+                raise ConfigError(f"{key}.beta: got {resolved['beta']}; expected a number in [0, 1]")
+            if resolved["temperature"] <= 0:
+                raise ConfigError(f"{key}.temperature: got {resolved['temperature']}; expected a number > 0")
+        if "layer_map" in schema:
+            if "layer_map" not in item:
+                raise ConfigError(f"{key}: a {item['type']} loss needs 'layer_map' {{student_layer: teacher_layer}}")
+            lm = {}
+            for s, t in item["layer_map"].items():
+                if not (isinstance(s, int) and isinstance(t, int)) or isinstance(s, bool) or isinstance(t, bool):
+                    raise ConfigError(f"{key}.layer_map: expected integer pairs student_layer: teacher_layer, "
+                                      f"got {s!r}: {t!r}")
+                lm[s] = t
+            resolved["layer_map"] = lm
+        out.append(resolved)
+    types = [x["type"] for x in out]
+    for t in set(types):
+        if types.count(t) > 1:
+            raise ConfigError(f"losses: {t!r} appears {types.count(t)} times; expected each loss type at most once")
+    if not any(t in ("logit_kd", "hard_ce") for t in types):
+        raise ConfigError("losses: expected at least one of 'logit_kd' or 'hard_ce' (the lm-head loss)")
+    return out
+
+
+def validate(cfg: dict) -> dict:
+    """Fill the defaults of ``cfg`` (a parsed YAML mapping) and check it; returns the resolved config."""
+    out = _fill(SCHEMA, cfg, "")
+    out["losses"] = _check_losses(out["losses"])
+    run, teacher, student, data, sched = out["run"], out["teacher"], out["student"], out["data"], out["schedule"]
+    _choice("run.loss_impl", run["loss_impl"], ("fused", "unfused"))
+    given = [k for k in ("model", "config") if teacher[k] is not None]
+    if len(given) != 1:
+        raise ConfigError("teacher: expected exactly one of 'teacher.model' (builtin name, folder or .gguf file) or "
+                          f"'teacher.config' (a transformers config), got {given or 'neither'}")
+    given = [k for k in ("model", "config", "init_from_teacher") if student[k] is not None]
+    if len(given) != 1:
+        raise ConfigError("student: expected exactly one of 'student.model', 'student.config' or "
+                          f"'student.init_from_teacher', got {given or 'neither'}")
+    for who in ("teacher", "student"):
+        _choice(f"{who}.dtype", out[who]["dtype"], ("float32", "bfloat16"))
+        cfg_ = out[who]["config"]
+        if cfg_ is not None and "model_type" not in cfg_:
+            raise ConfigError(f"{who}.config: expected a transformers config with a 'model_type' key, got {cfg_!r}")
+    ift = student["init_from_teacher"]
+    if ift is not None:
+        layers = ift.get("layers")
+        if set(ift) != {"layers"} or not isinstance(layers, list) or not layers or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers
+        ):
+            raise ConfigError(f"student.init_from_teacher: expected {{layers: [non-negative layer indices]}}, got {ift!r}")
+        if sorted(set(layers)) != layers:
+            raise ConfigError(f"student.init_from_teacher.layers: got {layers}; expected strictly increasing indices")
+    tds, sds = teacher["deepspeed"], student["deepspeed"]
+    if tds["stage"] in (1, 2):
+        raise ConfigError(
+            f"teacher.deepspeed.stage: got {tds['stage']}; ZeRO stages 1 and 2 shard optimizer state and gradients, "
+            "which a frozen teacher without an optimizer does not have: use 3 (parameters sharded) or 0 (a full copy)"
+        )
+    _choice("teacher.deepspeed.stage", tds["stage"], (0, 3))
+    _choice("teacher.deepspeed.offload_param", tds["offload_param"], ("none", "cpu", "nvme"))
+    if tds["offload_param"] != "none" and tds["stage"] != 3:
+        raise ConfigError(f"teacher.deepspeed.offload_param: {tds['offload_param']!r} needs stage 3, got stage 0")
+    if tds["offload_param"] == "nvme" and not tds["nvme_path"]:
+        raise ConfigError("teacher.deepspeed.nvme_path: offload_param 'nvme' needs a folder, got null")
+    _choice("student.deepspeed.stage", sds["stage"], (0, 1, 2, 3))
+    _choice("student.deepspeed.precision", sds["precision"], ("fp32", "bf16"))
+    for key in ("micro_batch_size", "gradient_accumulation_steps"):
+        if sds[key] < 1:
+            raise ConfigError(f"student.deepspeed.{key}: got {sds[key]}; expected an integer >= 1")
+    if "type" not in sds["optimizer"]:
+        raise ConfigError(f"student.deepspeed.optimizer: expected {{type: ..., params: {{...}}}}, got {sds['optimizer']!r}")
+    if data["seq_len"] < 2:
+        raise ConfigError(f"data.seq_len: got {data['seq_len']}; expected an integer >= 2")
+    if not 0.0 < data["heldout_fraction"] < 1.0:
+        raise ConfigError(f"data.heldout_fraction: got {data['heldout_fraction']}; expected a number in (0, 1)")
+    if data["source"] != "pydoc_topics" and not os.path.isfile(data["source"]):
+        raise ConfigError(f"data.source: got {data['source']!r}; expected 'pydoc_topics' or an existing text file")
+    if data["tokenizer"] == "teacher" and teacher["model"] is None:
+        raise ConfigError("data.tokenizer: 'teacher' needs 'teacher.model' (a teacher from 'teacher.config' has no "
+                          "tokenizer); set data.tokenizer to 'bytes', a builtin name or a tokenizer folder")
+    for key in ("max_steps", "eval_every", "save_every", "log_every"):
+        if sched[key] < 0 or (key in ("max_steps", "log_every") and sched[key] < 1):
+            raise ConfigError(f"schedule.{key}: got {sched[key]}; expected an integer >= {1 if key in ('max_steps', 'log_every') else 0}")
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value (e.g. schedule.max_steps=10)")
+    key, value = text.split("=", 1)
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {text!r}: expected a dotted key such as student.deepspeed.stage")
+    return key.split("."), yaml.safe_load(value) if value != "" else None
+
+
+def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
+    cfg = copy.deepcopy(cfg)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = cfg
+        for part in path[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+        node[path[-1]] = value
+    return cfg
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> dict:
+    """Read, override, resolve and validate the YAML run file at ``path``."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config: file {path!r} does not exist")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {path!r}: not valid YAML ({e})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path!r}: expected a mapping at the top level, got {type(raw).__name__}")
+    return validate(apply_overrides(raw, overrides or []))
+
+
+def dump_config(cfg: dict, path: str) -> None:
+    """Write the resolved config atomically (the header says it is resolved)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("# resolved fastdistill run config (defaults filled in); re-run with:\n")
+        f.write(f"#   fastdistill train --config {os.path.basename(path)}\n")
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    os.replace(tmp, path)

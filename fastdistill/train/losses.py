@@ -1,0 +1,140 @@
+"""The weighted distillation loss of one step, from final hidden states and lm_head weights.
+
+``logit_kd`` (soft) and ``hard_ce`` (hard) go through ``fastdistill.functional.fused_linear_distill_loss`` in one call:
+chunks of tokens, matmul, online softmax, divergence, gradient, with no [tokens x vocab] tensor kept. ``hint``,
+``attention`` and ``affinity`` use the public functional API where it exists. ``run.loss_impl: unfused`` computes the
+same terms the plain-torch way (materialized logits, the shared reference divergence, F.cross_entropy): the baseline of
+``benchmarks/bench_trainer.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastdistill.functional as FD
+from fastdistill import reference
+from fastdistill.train.data import IGNORE_INDEX
+
+EVAL_CHUNK = 1024  # rows per matmul when computing the evaluation NLL (bounds the [rows x vocab] temporary)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+class DistillLoss(nn.Module):
+    """``forward(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_states,
+    teacher_states) -> (loss, parts)``; ``parts`` are detached scalars for logging (unweighted terms)."""
+
+    def __init__(self, losses: list[dict], impl: str, student_hidden_size: int, teacher_hidden_size: int):
+        super().__init__()
+        self.impl = impl
+        by_type = {x["type"]: x for x in losses}
+        kd, ce = by_type.get("logit_kd"), by_type.get("hard_ce")
+        self.soft_weight = kd["weight"] if kd else 0.0
+        self.hard_weight = ce["weight"] if ce else 0.0
+        self.kd = kd or {"divergence": "forward_kl", "beta": 0.5, "temperature": 1.0}
+        self.hint = by_type.get("hint")
+        self.attention = by_type.get("attention")
+        self.affinity = by_type.get("affinity")
+        for name, item, fn in (("attention", self.attention, "attention_distill_loss"),
+                               ("affinity", self.affinity, "affinity_distill_loss")):
+            if item is not None and not hasattr(FD, fn):
+                raise NotImplementedError(f"losses: {name!r} needs fastdistill.functional.{fn}, which this "
+                                          "installation does not have yet; remove that loss from the config")
+        self.hint_proj = nn.ModuleDict()
+        if self.hint is not None and student_hidden_size != teacher_hidden_size:
+            # a learned projection student -> teacher width per mapped layer (FitNets), trained with the student
+            for s in self.hint["layer_map"]:
+                self.hint_proj[str(s)] = nn.Linear(student_hidden_size, teacher_hidden_size, bias=False)
+        self.needs_hidden_states = any(x is not None for x in (self.hint, self.affinity))
+
+    # -- lm-head terms --------------------------------------------------------------------------------------------
+    def _lm_head_fused(self, hs, ws, ht, wt, labels):
+        loss, ce, kd = FD.fused_linear_distill_loss(
+            hs, ws, ht, wt, labels,
+            divergence=self.kd["divergence"], beta=self.kd["beta"], temperature=self.kd["temperature"],
+            hard_weight=self.hard_weight, soft_weight=self.soft_weight,
+            ignore_index=IGNORE_INDEX, reduction="batchmean", return_parts=True,
+        )
+        return loss, {"kd": kd, "ce": ce}
+
+    def _lm_head_chunked(self, hs, ws, ht, wt, labels, chunk: int = 1024):
+        """Interim path while ``fused_linear_distill_loss`` is not in this installation: logits chunk by chunk into
+        the fused ``distill_loss`` (autograd still keeps each chunk's student logits for backward)."""
+        n_valid = (labels != IGNORE_INDEX).sum().clamp(min=1)
+        kd_sum = ce_sum = hs.new_zeros(())
+        for i in range(0, hs.shape[0], chunk):
+            s_logits, y = hs[i : i + chunk] @ ws.t(), labels[i : i + chunk]
+            with torch.no_grad():
+                t_logits = ht[i : i + chunk] @ wt.t()
+            kd_sum = kd_sum + FD.distill_loss(s_logits, t_logits, y, divergence=self.kd["divergence"],
+                                              beta=self.kd["beta"], temperature=self.kd["temperature"],
+                                              ignore_index=IGNORE_INDEX, reduction="sum")
+            ce_sum = ce_sum + F.cross_entropy(s_logits.float(), y, ignore_index=IGNORE_INDEX, reduction="sum")
+        kd, ce = kd_sum / n_valid, ce_sum / n_valid
+        return self.soft_weight * kd + self.hard_weight * ce, {"kd": kd, "ce": ce}
+
+    def _lm_head_unfused(self, hs, ws, ht, wt, labels):
+        s_logits = hs @ ws.t()  # [N, V]: exactly what the fused path avoids
+        with torch.no_grad():
+            t_logits = ht @ wt.t()
+        kd = reference.distill_loss(s_logits, t_logits, labels, divergence=self.kd["divergence"], beta=self.kd["beta"],
+                                    temperature=self.kd["temperature"], ignore_index=IGNORE_INDEX)
+        ce = F.cross_entropy(s_logits.float(), labels, ignore_index=IGNORE_INDEX)
+        return self.soft_weight * kd + self.hard_weight * ce, {"kd": kd, "ce": ce}
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                student_states=None, teacher_states=None):
+        hs, ht, labels_flat = _flat(student_hidden), _flat(teacher_hidden), labels.reshape(-1)
+        if self.impl == "fused" and not hasattr(FD, "fused_linear_distill_loss"):
+            loss, parts = self._lm_head_chunked(hs, student_weight, ht, teacher_weight, labels_flat)
+        elif self.impl == "fused":
+            loss, parts = self._lm_head_fused(hs, student_weight, ht, teacher_weight, labels_flat)
+        else:
+            loss, parts = self._lm_head_unfused(hs, student_weight, ht, teacher_weight, labels_flat)
+        valid = (labels != IGNORE_INDEX).unsqueeze(-1)
+        if self.hint is not None:
+            hint = self._hint(student_states, teacher_states, valid)
+            loss = loss + self.hint["weight"] * hint
+            parts["hint"] = hint
+        if self.affinity is not None:
+            terms = [FD.affinity_distill_loss(student_states[s + 1], teacher_states[t + 1])
+                     for s, t in self.affinity["layer_map"].items()]
+            aff = torch.stack(terms).mean()
+            loss = loss + self.affinity["weight"] * aff
+            parts["affinity"] = aff
+        return loss, {k: v.detach().float() for k, v in parts.items()}
+
+    def _hint(self, student_states, teacher_states, valid):
+        """Mean squared error between mapped layer outputs (decoder layer i -> ``hidden_states[i + 1]``), over valid
+        tokens; a learned projection when the widths differ."""
+        terms = []
+        for s, t in self.hint["layer_map"].items():
+            hs, ht = student_states[s + 1], teacher_states[t + 1]
+            if str(s) in self.hint_proj:
+                hs = self.hint_proj[str(s)](hs)
+            if self.hint["normalize"]:
+                hs, ht = F.layer_norm(hs, hs.shape[-1:]), F.layer_norm(ht, ht.shape[-1:])
+            if hasattr(FD, "hint_loss") and not self.hint_proj:
+                terms.append(FD.hint_loss(hs * valid, ht * valid))
+            else:
+                sq = ((hs - ht) ** 2 * valid).sum()
+                terms.append(sq / (valid.sum().clamp(min=1) * hs.shape[-1]))
+        return torch.stack(terms).mean()
+
+    # -- evaluation -----------------------------------------------------------------------------------------------
+    @staticmethod
+    @torch.no_grad()
+    def nll(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """[summed next-token NLL, token count] over valid labels, in chunks of rows (no [N, V] tensor)."""
+        h, y = _flat(hidden), labels.reshape(-1)
+        keep = y != IGNORE_INDEX
+        h, y = h[keep], y[keep]
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        for i in range(0, len(y), EVAL_CHUNK):
+            logits = (h[i : i + EVAL_CHUNK] @ weight.t()).float()
+            total += F.cross_entropy(logits, y[i : i + EVAL_CHUNK], reduction="sum").double()
+        return torch.stack([total, torch.tensor(float(len(y)), dtype=torch.float64, device=hidden.device)])
