@@ -1,0 +1,112 @@
+"""Triton launcher of the distillation-loss row kernel (contract in ``fastdistill/ops/distill_loss.py``)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import triton
+
+from fastdistill.kernels.distill_loss import distill_loss_rows_kernel
+
+# In the interpreter every tile op is a numpy call: small tiles keep multi-tile code paths exercised on CPU shapes.
+_INTERPRET_MAX_BLOCK_V = 1024
+# On the GPU, 4096 elements per tile = 8 per thread at 16 warps: 16-byte vector loads of bf16 / fp16 rows.
+_GPU_MAX_BLOCK_V = 4096
+
+
+def launch_config(V: int, device: torch.device, block_v: int | None = None) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for a row of ``V`` logits on ``device``; ``block_v`` overrides the tile width."""
+    cap = _INTERPRET_MAX_BLOCK_V if device.type == "cpu" else _GPU_MAX_BLOCK_V
+    block = block_v if block_v is not None else min(triton.next_power_of_2(V), cap)
+    num_warps = 16 if block >= 4096 else 8 if block >= 2048 else 4
+    return block, num_warps
+
+
+def _check(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, grad_scale: torch.Tensor):
+    if student.dim() != 2 or student.shape != teacher.shape:
+        raise ValueError(
+            f"student and teacher must be [N, V] of the same shape, got {tuple(student.shape)} and "
+            f"{tuple(teacher.shape)}"
+        )
+    if student.stride(-1) != 1 or teacher.stride(-1) != 1:
+        raise ValueError(
+            f"student and teacher need a unit last-dim stride, got {student.stride()} and {teacher.stride()}"
+        )
+    if labels is not None and labels.shape != (student.shape[0],):
+        raise ValueError(f"labels has shape {tuple(labels.shape)}; expected ({student.shape[0]},)")
+    if grad_scale.numel() != 1 or grad_scale.dtype != torch.float32:
+        raise ValueError(
+            f"grad_scale must be a float32 tensor of one element, got {grad_scale.dtype} of shape "
+            f"{tuple(grad_scale.shape)}"
+        )
+
+
+def distill_loss_rows_triton(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    grad_scale: torch.Tensor,
+    divergence: int,
+    beta: float,
+    temperature: float,
+    ignore_index: int,
+    loss_scale: float,
+    need_grad: bool,
+    *,
+    block_v: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss (float32 [N]) and, when ``need_grad``, the scaled student gradient ([N, V], student dtype).
+
+    ``divergence`` is a canonical id (JSD only for 0 < beta < 1); see the row contract for the maths.
+
+    Args:
+        student, teacher: logits [N, V], last dim contiguous, any row stride, same dtype.
+        labels: int [N] or None; rows equal to ``ignore_index`` get loss 0 and gradient 0.
+        grad_scale: float32 tensor of one element on the device, read by the kernel (no host sync).
+        divergence / beta / temperature / loss_scale: see ``fastdistill.ops.distill_loss``.
+        need_grad: when False, no [N, V] memory is written and an empty gradient is returned.
+        block_v: tile width override (tests use it to force several tiles per row).
+
+    Example::
+
+        >>> rows, grad = distill_loss_rows_triton(s, t, None, torch.ones(1, device=s.device), 0, 0.5, 1.0, -100, 1.0,
+        ...                                       True)
+    """
+    _check(student, teacher, labels, grad_scale)
+    N, V = student.shape
+    loss_rows = torch.empty(N, dtype=torch.float32, device=student.device)
+    grad = torch.empty((N, V), dtype=student.dtype, device=student.device) if need_grad else student.new_empty(0)
+    if N == 0 or V == 0:
+        return loss_rows.zero_(), grad
+    if labels is not None:
+        labels = labels.contiguous()
+    grad_scale = grad_scale.reshape(1).to(student.device)
+    block, num_warps = launch_config(V, student.device, block_v)
+    log_beta = math.log(beta) if beta > 0.0 else float("-inf")
+    log_1m_beta = math.log1p(-beta) if beta < 1.0 else float("-inf")
+    # launch on the tensors' GPU, not on whichever device is current
+    with torch.cuda.device(student.device) if student.device.type == "cuda" else contextlib.nullcontext():
+        distill_loss_rows_kernel[(N,)](
+            student,
+            teacher,
+            labels,
+            grad_scale,
+            loss_rows,
+            grad if need_grad else None,
+            student.stride(0),
+            teacher.stride(0),
+            V,  # the gradient is allocated contiguous
+            V,
+            1.0 / temperature,
+            float(beta),
+            log_beta,
+            log_1m_beta,
+            float(loss_scale),
+            int(ignore_index),
+            DIVERGENCE=int(divergence),
+            BLOCK_V=block,
+            num_warps=num_warps,
+        )
+    return loss_rows, grad

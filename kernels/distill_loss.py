@@ -1,0 +1,208 @@
+"""Triton row kernel of the logit-distillation loss (contract: ``fastdistill/ops/distill_loss.py``).
+
+One program per row. With ``z = student / T`` and ``y = teacher / T`` (scaled in fp32 after loading), the kernel
+walks the vocabulary in tiles of BLOCK_V and never materializes anything of size [N, V] but the gradient:
+
+* forward / reverse KL: 2 passes. Pass 1 keeps the online max and sum-exp of both rows and the running, rescaled
+  sum of the KL's first term, e.g. KL(pt || ps) = (1 / Zt) sum exp(y - my) (y - z) - lse_y + lse_z; pass 2 writes
+  the gradient (skipped when NEED_GRAD is False).
+* JSD / TVD / skew KLs: 3 passes. Pass 1 gives both log-sum-exps; pass 2 the per-element loss terms, the loss and
+  c = sum_j ps_j a_j, where a_j = dD / dps_j; pass 3 writes the gradient.
+
+For any divergence D(ps) of the student probabilities, dD / dz_j = ps_j (a_j - sum_k ps_k a_k):
+
+    forward KL      dD / dz = ps - pt
+    reverse KL      a = log ps - log pt                      (constants in a cancel)
+    JSD(beta)       a = (1 - beta) (log ps - log m),            m = (1 - beta) ps + beta pt
+    TVD             a = sign(ps - pt) / 2
+    skew forward    a = -(1 - beta) pt / m,                     m = beta pt + (1 - beta) ps
+    skew reverse    a = log ps - log m - beta ps / m,           m = beta ps + (1 - beta) pt
+
+The student gradient is grad_scale * loss_scale / T * dD / dz. Terms with zero probability contribute 0 (in value and
+gradient), so a vocabulary masked with -inf in both rows gives a finite loss and zero gradient there; the guards test
+``p == 0`` rather than ``p > 0`` so that NaN inputs still propagate to a NaN loss.
+"""
+
+import triton
+import triton.language as tl
+
+# Divergence ids: part of the kernel ABI, same order as fastdistill.reference.DIVERGENCES.
+FORWARD_KL: tl.constexpr = 0
+REVERSE_KL: tl.constexpr = 1
+JSD: tl.constexpr = 2
+TVD: tl.constexpr = 3
+SKEW_FORWARD_KL: tl.constexpr = 4
+SKEW_REVERSE_KL: tl.constexpr = 5
+
+
+@triton.jit
+def _safe_max(b_m):
+    """The running max with -inf replaced by 0: a row (or tile) that is all -inf so far then gives exp(-inf - 0) = 0
+    instead of exp(-inf - -inf) = NaN."""
+    return tl.where(b_m == float("-inf"), 0.0, b_m)
+
+
+@triton.jit
+def _log_mix(b_la, b_lb, log_wa, log_wb):
+    """log(wa * exp(la) + wb * exp(lb)) elementwise as a stable logaddexp; exact (la or lb) when a weight is 0, so the
+    skew KLs at beta = 0 / 1 match the reference even where one model has -inf."""
+    b_x = b_la + log_wa
+    b_y = b_lb + log_wb
+    b_hi = tl.maximum(b_x, b_y)
+    b_lm = b_hi + tl.log(1.0 + tl.exp(-tl.abs(b_x - b_y)))
+    b_lm = tl.where(log_wb == float("-inf"), b_la, b_lm)
+    return tl.where(log_wa == float("-inf"), b_lb, b_lm)
+
+
+@triton.jit
+def _element_terms(b_z, b_y, lse_z, lse_y, beta, log_beta, log_1m_beta, DIVERGENCE: tl.constexpr):
+    """Per-element loss term d_j (D = sum_j d_j) and gradient weight a_j = dD / dps_j for the 3-pass divergences.
+
+    Returns (ps, d, a), each [BLOCK_V]; a is only meaningful where ps > 0 (callers multiply it by ps and guard).
+    """
+    b_ls = b_z - lse_z  # log ps
+    b_lt = b_y - lse_y  # log pt
+    b_ps = tl.exp(b_ls)
+    b_pt = tl.exp(b_lt)
+    if DIVERGENCE == JSD:
+        b_lm = _log_mix(b_ls, b_lt, log_1m_beta, log_beta)
+        b_dt = tl.where(b_pt == 0, 0.0, b_pt * (b_lt - b_lm))
+        b_ds = tl.where(b_ps == 0, 0.0, b_ps * (b_ls - b_lm))
+        b_d = beta * b_dt + (1.0 - beta) * b_ds
+        b_a = (1.0 - beta) * (b_ls - b_lm)
+    elif DIVERGENCE == TVD:
+        b_diff = b_ps - b_pt
+        b_d = 0.5 * tl.abs(b_diff)
+        # sign(diff) / 2 with torch's abs subgradient 0 at diff == 0; diff * 0 keeps a NaN diff NaN
+        b_a = tl.where(b_diff > 0, 0.5, tl.where(b_diff < 0, -0.5, b_diff * 0.0))
+    elif DIVERGENCE == SKEW_FORWARD_KL:
+        b_lm = _log_mix(b_lt, b_ls, log_beta, log_1m_beta)
+        b_d = tl.where(b_pt == 0, 0.0, b_pt * (b_lt - b_lm))
+        b_a = -(1.0 - beta) * tl.exp(b_lt - b_lm)  # pt / m without dividing two possibly tiny numbers
+    else:  # SKEW_REVERSE_KL
+        b_lm = _log_mix(b_ls, b_lt, log_beta, log_1m_beta)
+        b_d = tl.where(b_ps == 0, 0.0, b_ps * (b_ls - b_lm))
+        b_a = b_ls - b_lm - beta * tl.exp(b_ls - b_lm)
+    return b_ps, b_d, b_a
+
+
+@triton.heuristics(
+    {
+        "HAS_LABELS": lambda args: args["labels_ptr"] is not None,
+        "NEED_GRAD": lambda args: args["grad_ptr"] is not None,
+        "TWO_PASS": lambda args: args["DIVERGENCE"] in (0, 1),
+    }
+)
+@triton.jit
+def distill_loss_rows_kernel(
+    student_ptr,
+    teacher_ptr,
+    labels_ptr,
+    grad_scale_ptr,
+    loss_ptr,
+    grad_ptr,
+    stride_s,
+    stride_t,
+    stride_g,
+    V,
+    inv_temperature,
+    beta,
+    log_beta,
+    log_1m_beta,
+    loss_scale,
+    ignore_index,
+    DIVERGENCE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    NEED_GRAD: tl.constexpr,
+    TWO_PASS: tl.constexpr,
+):
+    # int64 row index: row * stride reaches N * V, which passes 2^31 for e.g. 8192 tokens x 128256 vocabulary
+    i_n = tl.program_id(0).to(tl.int64)
+    p_s = student_ptr + i_n * stride_s
+    p_t = teacher_ptr + i_n * stride_t
+    if NEED_GRAD:
+        p_g = grad_ptr + i_n * stride_g
+    o_v = tl.arange(0, BLOCK_V)
+
+    valid = True
+    if HAS_LABELS:
+        valid = tl.load(labels_ptr + i_n) != ignore_index
+    if valid:
+        # ---- pass 1: online max / sum-exp of both rows (+ the KL's first term for the 2-pass divergences)
+        b_mz = float("-inf")
+        b_my = float("-inf")
+        b_sz = 0.0
+        b_sy = 0.0
+        b_acc = 0.0  # forward KL: sum exp(y - my) (y - z); reverse KL: sum exp(z - mz) (z - y)
+        for v0 in range(0, V, BLOCK_V):
+            m_v = v0 + o_v < V
+            b_z = tl.load(p_s + v0 + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * inv_temperature  # [BLOCK_V]
+            b_y = tl.load(p_t + v0 + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * inv_temperature  # [BLOCK_V]
+            b_mz_new = tl.maximum(b_mz, tl.max(b_z, axis=0))
+            b_my_new = tl.maximum(b_my, tl.max(b_y, axis=0))
+            b_alpha_z = tl.exp(b_mz - _safe_max(b_mz_new))
+            b_alpha_y = tl.exp(b_my - _safe_max(b_my_new))
+            b_ez = tl.exp(b_z - _safe_max(b_mz_new))  # [BLOCK_V]
+            b_ey = tl.exp(b_y - _safe_max(b_my_new))  # [BLOCK_V]
+            b_sz = b_sz * b_alpha_z + tl.sum(b_ez, axis=0)
+            b_sy = b_sy * b_alpha_y + tl.sum(b_ey, axis=0)
+            if DIVERGENCE == FORWARD_KL:
+                b_acc = b_acc * b_alpha_y + tl.sum(tl.where(b_ey == 0, 0.0, b_ey * (b_y - b_z)), axis=0)
+            elif DIVERGENCE == REVERSE_KL:
+                b_acc = b_acc * b_alpha_z + tl.sum(tl.where(b_ez == 0, 0.0, b_ez * (b_z - b_y)), axis=0)
+            b_mz = b_mz_new
+            b_my = b_my_new
+        # a row that is all -inf gives lse = -inf and then NaN below, as log_softmax does in the reference
+        lse_z = b_mz + tl.log(b_sz)
+        lse_y = b_my + tl.log(b_sy)
+
+        if TWO_PASS:
+            if DIVERGENCE == FORWARD_KL:
+                b_loss = b_acc / b_sy - lse_y + lse_z
+            else:
+                b_loss = b_acc / b_sz - lse_z + lse_y
+            tl.store(loss_ptr + i_n, loss_scale * b_loss)
+            if NEED_GRAD:
+                # ---- pass 2: grad = coef * (ps - pt) (forward) or coef * ps (log ps - log pt - D) (reverse)
+                b_coef = tl.load(grad_scale_ptr).to(tl.float32) * loss_scale * inv_temperature
+                for v0 in range(0, V, BLOCK_V):
+                    m_v = v0 + o_v < V
+                    b_z = tl.load(p_s + v0 + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * inv_temperature
+                    b_y = tl.load(p_t + v0 + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * inv_temperature
+                    b_ps = tl.exp(b_z - lse_z)  # [BLOCK_V]
+                    if DIVERGENCE == FORWARD_KL:
+                        b_g = b_ps - tl.exp(b_y - lse_y)
+                    else:
+                        b_g = tl.where(b_ps == 0, 0.0, b_ps * ((b_z - lse_z) - (b_y - lse_y) - b_loss))
+                    tl.store(p_g + v0 + o_v, (b_coef * b_g).to(grad_ptr.dtype.element_ty), mask=m_v)
+        else:
+            # ---- pass 2: the loss and c = sum_j ps_j a_j
+            b_loss = 0.0
+            b_c = 0.0
+            for v0 in range(0, V, BLOCK_V):
+                m_v = v0 + o_v < V
+                b_z = tl.load(p_s + v0 + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * inv_temperature
+                b_y = tl.load(p_t + v0 + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * inv_temperature
+                b_ps, b_d, b_a = _element_terms(b_z, b_y, lse_z, lse_y, beta, log_beta, log_1m_beta, DIVERGENCE)
+                b_loss += tl.sum(tl.where(m_v, b_d, 0.0), axis=0)
+                if NEED_GRAD:
+                    b_c += tl.sum(tl.where(b_ps == 0, 0.0, b_ps * b_a), axis=0)
+            tl.store(loss_ptr + i_n, loss_scale * b_loss)
+            if NEED_GRAD:
+                # ---- pass 3: grad = coef * ps (a - c)
+                b_coef = tl.load(grad_scale_ptr).to(tl.float32) * loss_scale * inv_temperature
+                for v0 in range(0, V, BLOCK_V):
+                    m_v = v0 + o_v < V
+                    b_z = tl.load(p_s + v0 + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * inv_temperature
+                    b_y = tl.load(p_t + v0 + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * inv_temperature
+                    b_ps, b_d, b_a = _element_terms(b_z, b_y, lse_z, lse_y, beta, log_beta, log_1m_beta, DIVERGENCE)
+                    b_g = tl.where(b_ps == 0, 0.0, b_ps * (b_a - b_c))
+                    tl.store(p_g + v0 + o_v, (b_coef * b_g).to(grad_ptr.dtype.element_ty), mask=m_v)
+    else:
+        # ignored row: loss 0 and gradient 0, without reading the logits
+        tl.store(loss_ptr + i_n, 0.0)
+        if NEED_GRAD:
+            for v0 in range(0, V, BLOCK_V):
+                m_v = v0 + o_v < V
+                tl.store(p_g + v0 + o_v, tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty), mask=m_v)
