@@ -24,6 +24,13 @@ import torch
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+def results_dir() -> str:
+    """Where CSVs and plots go: ``FASTDISTILL_BENCH_RESULTS`` or benchmarks/results/."""
+    path = os.environ.get("FASTDISTILL_BENCH_RESULTS") or RESULTS
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
 def git_sha() -> str:
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +88,11 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
         del out
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == 0]
+    events = [
+        e
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
+    ]
     cur = peak = 0
     for e in sorted(events, key=lambda e: e.start_ns()):
         cur += e.nbytes()
@@ -119,8 +130,7 @@ def measure(bench: str, provider: str, mode: str, shape: str, dtype: torch.dtype
 
 
 def write_csv(rows: list[Row], name: str) -> str:
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"{name}.csv")
+    path = os.path.join(results_dir(), f"{name}.csv")
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(asdict(rows[0]).keys()))
@@ -182,8 +192,7 @@ def plot(rows: list[Row], name: str, *, x: str = "shape", title: str | None = No
         axes[0][j].legend(fontsize=7)
     fig.suptitle(title or name)
     fig.tight_layout()
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"{name}.png")
+    path = os.path.join(results_dir(), f"{name}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
