@@ -102,7 +102,9 @@ class AttentionCapture:
         self.layers = list(range(n)) if layers is None else list(layers)
         for i in self.layers:
             if not isinstance(i, int) or not -n <= i < n:
-                raise ValueError(f"layers contains {i!r}; the model has {n} attention layers (expected -{n} .. {n - 1})")
+                raise ValueError(
+                    f"layers contains {i!r}; the model has {n} attention layers (expected -{n} .. {n - 1})"
+                )
         self.repeat_kv = repeat_kv
         self.apply_rotary = apply_rotary
         self.q: dict[int, torch.Tensor] = {}

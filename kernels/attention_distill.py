@@ -10,6 +10,9 @@ Three kernels over the same tiles; a program owns one (batch-head, row block):
     attention_distill_dq_kernel   per query block over key tiles: dq = sum_j w (P_s - P_t) k_s   (w includes scale_s)
     attention_distill_dk_kernel   per key block over query tiles: dk = sum_i w (P_s - P_t) q_s
 
+Tiles are loaded, then converted to fp32: dots use exact fp32 ("ieee") for fp32 inputs and TF32 for 16-bit inputs
+(bf16 / fp16 values are exact in TF32, so products stay exact with fp32 accumulation, dS included).
+
 Masks: ``MASK`` [B, L] (nonzero = keep) hides keys of both models and zeroes padded query rows; ``CAUSAL`` hides
 keys j > i and skips the tiles above the diagonal.
 """
@@ -57,8 +60,8 @@ def attention_distill_fwd_kernel(
     m_m = o_m < L
     p_sq = SQ + i_b * stride_sqb + i_h * stride_sqh + o_m[:, None] * stride_sql + o_ds[None, :] * stride_sqd
     p_tq = TQ + i_b * stride_tqb + i_h * stride_tqh + o_m[:, None] * stride_tql + o_dt[None, :] * stride_tqd
-    b_sq = tl.load(p_sq, mask=m_m[:, None] & (o_ds[None, :] < DS), other=0.0)  # [BLOCK_M, BLOCK_DS]
-    b_tq = tl.load(p_tq, mask=m_m[:, None] & (o_dt[None, :] < DT), other=0.0)  # [BLOCK_M, BLOCK_DT]
+    b_sq = tl.load(p_sq, mask=m_m[:, None] & (o_ds[None, :] < DS), other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_DS]
+    b_tq = tl.load(p_tq, mask=m_m[:, None] & (o_dt[None, :] < DT), other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_DT]
 
     b_ms = tl.full([BLOCK_M], float("-inf"), tl.float32)
     b_ls = tl.zeros([BLOCK_M], tl.float32)
@@ -73,8 +76,8 @@ def attention_distill_fwd_kernel(
         m_n = o_n < L
         p_sk = SK + i_b * stride_skb + i_h * stride_skh + o_n[:, None] * stride_skl + o_ds[None, :] * stride_skd
         p_tk = TK + i_b * stride_tkb + i_h * stride_tkh + o_n[:, None] * stride_tkl + o_dt[None, :] * stride_tkd
-        b_sk = tl.load(p_sk, mask=m_n[:, None] & (o_ds[None, :] < DS), other=0.0)  # [BLOCK_N, BLOCK_DS]
-        b_tk = tl.load(p_tk, mask=m_n[:, None] & (o_dt[None, :] < DT), other=0.0)  # [BLOCK_N, BLOCK_DT]
+        b_sk = tl.load(p_sk, mask=m_n[:, None] & (o_ds[None, :] < DS), other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_DS]
+        b_tk = tl.load(p_tk, mask=m_n[:, None] & (o_dt[None, :] < DT), other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_DT]
         m_keep = _keep(o_m, o_n, L, MASK, stride_mb, stride_ml, i_b, HAS_MASK, CAUSAL)
         b_ss = _scores(b_sq, b_sk, scale_s, DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         b_st = _scores(b_tq, b_tk, scale_t, DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
@@ -139,8 +142,8 @@ def attention_distill_dq_kernel(
     m_m = o_m < L
     p_sq = SQ + i_b * stride_sqb + i_h * stride_sqh + o_m[:, None] * stride_sql + o_ds[None, :] * stride_sqd
     p_tq = TQ + i_b * stride_tqb + i_h * stride_tqh + o_m[:, None] * stride_tql + o_dt[None, :] * stride_tqd
-    b_sq = tl.load(p_sq, mask=m_m[:, None] & (o_ds[None, :] < DS), other=0.0)  # [BLOCK_M, BLOCK_DS]
-    b_tq = tl.load(p_tq, mask=m_m[:, None] & (o_dt[None, :] < DT), other=0.0)  # [BLOCK_M, BLOCK_DT]
+    b_sq = tl.load(p_sq, mask=m_m[:, None] & (o_ds[None, :] < DS), other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_DS]
+    b_tq = tl.load(p_tq, mask=m_m[:, None] & (o_dt[None, :] < DT), other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_DT]
     o_row = i_bh * L + o_m
     b_lse_s = tl.load(LSE_S + o_row, mask=m_m, other=float("inf"))
     b_lse_t = tl.load(LSE_T + o_row, mask=m_m, other=float("inf"))
@@ -154,11 +157,11 @@ def attention_distill_dq_kernel(
         m_n = o_n < L
         p_sk = SK + i_b * stride_skb + i_h * stride_skh + o_n[:, None] * stride_skl + o_ds[None, :] * stride_skd
         p_tk = TK + i_b * stride_tkb + i_h * stride_tkh + o_n[:, None] * stride_tkl + o_dt[None, :] * stride_tkd
-        b_sk = tl.load(p_sk, mask=m_n[:, None] & (o_ds[None, :] < DS), other=0.0)  # [BLOCK_N, BLOCK_DS]
-        b_tk = tl.load(p_tk, mask=m_n[:, None] & (o_dt[None, :] < DT), other=0.0)  # [BLOCK_N, BLOCK_DT]
+        b_sk = tl.load(p_sk, mask=m_n[:, None] & (o_ds[None, :] < DS), other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_DS]
+        b_tk = tl.load(p_tk, mask=m_n[:, None] & (o_dt[None, :] < DT), other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_DT]
         m_keep = _keep(o_m, o_n, L, MASK, stride_mb, stride_ml, i_b, HAS_MASK, CAUSAL)
         b_ds = _d_scores(b_sq, b_sk, b_tq, b_tk, b_lse_s, b_lse_t, b_w, m_keep, scale_s, scale_t, DOT_PRECISION)
-        b_dq += tl.dot(b_ds.to(b_sk.dtype), b_sk, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_DS]
+        b_dq += tl.dot(b_ds, b_sk, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_DS]
     p_dq = DQ + i_bh * L * DS + o_m[:, None] * DS + o_ds[None, :]
     tl.store(p_dq, b_dq, mask=m_m[:, None] & (o_ds[None, :] < DS))
 
@@ -183,8 +186,8 @@ def attention_distill_dk_kernel(
     m_n = o_n < L
     p_sk = SK + i_b * stride_skb + i_h * stride_skh + o_n[:, None] * stride_skl + o_ds[None, :] * stride_skd
     p_tk = TK + i_b * stride_tkb + i_h * stride_tkh + o_n[:, None] * stride_tkl + o_dt[None, :] * stride_tkd
-    b_sk = tl.load(p_sk, mask=m_n[:, None] & (o_ds[None, :] < DS), other=0.0)  # [BLOCK_N, BLOCK_DS]
-    b_tk = tl.load(p_tk, mask=m_n[:, None] & (o_dt[None, :] < DT), other=0.0)  # [BLOCK_N, BLOCK_DT]
+    b_sk = tl.load(p_sk, mask=m_n[:, None] & (o_ds[None, :] < DS), other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_DS]
+    b_tk = tl.load(p_tk, mask=m_n[:, None] & (o_dt[None, :] < DT), other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_DT]
     b_dk = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
     lo = 0
     if CAUSAL:  # queries before this key block see none of its keys
@@ -194,14 +197,14 @@ def attention_distill_dk_kernel(
         m_m = o_m < L
         p_sq = SQ + i_b * stride_sqb + i_h * stride_sqh + o_m[:, None] * stride_sql + o_ds[None, :] * stride_sqd
         p_tq = TQ + i_b * stride_tqb + i_h * stride_tqh + o_m[:, None] * stride_tql + o_dt[None, :] * stride_tqd
-        b_sq = tl.load(p_sq, mask=m_m[:, None] & (o_ds[None, :] < DS), other=0.0)  # [BLOCK_M, BLOCK_DS]
-        b_tq = tl.load(p_tq, mask=m_m[:, None] & (o_dt[None, :] < DT), other=0.0)  # [BLOCK_M, BLOCK_DT]
+        b_sq = tl.load(p_sq, mask=m_m[:, None] & (o_ds[None, :] < DS), other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_DS]
+        b_tq = tl.load(p_tq, mask=m_m[:, None] & (o_dt[None, :] < DT), other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_DT]
         o_row = i_bh * L + o_m
         b_lse_s = tl.load(LSE_S + o_row, mask=m_m, other=float("inf"))
         b_lse_t = tl.load(LSE_T + o_row, mask=m_m, other=float("inf"))
         b_w = tl.load(W + o_row, mask=m_m, other=0.0)
         m_keep = _keep(o_m, o_n, L, MASK, stride_mb, stride_ml, i_b, HAS_MASK, CAUSAL)
         b_ds = _d_scores(b_sq, b_sk, b_tq, b_tk, b_lse_s, b_lse_t, b_w, m_keep, scale_s, scale_t, DOT_PRECISION)
-        b_dk += tl.dot(tl.trans(b_ds.to(b_sq.dtype)), b_sq, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_DS]
+        b_dk += tl.dot(tl.trans(b_ds), b_sq, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_DS]
     p_dk = DK + i_bh * L * DS + o_n[:, None] * DS + o_ds[None, :]
     tl.store(p_dk, b_dk, mask=m_n[:, None] & (o_ds[None, :] < DS))

@@ -68,7 +68,7 @@ def attention_distill_loss(
 
     Per head h and query row i, with :math:`A = \mathrm{softmax}(q k^\top \cdot \text{scale} + \text{mask})`:
 
-    .. math:: \ell_{h,i} = \mathrm{KL}(A^t_{h,i} \,\|\, A^s_{h,i}) = \sum_j A^t_{h,ij} (\log A^t_{h,ij} - \log A^s_{h,ij})
+    .. math:: \ell_{h,i} = \mathrm{KL}(A^t_{h,i} \| A^s_{h,i}) = \sum_j A^t_{h,ij} (\log A^t_{h,ij} - \log A^s_{h,ij})
 
     ``batchmean`` averages over heads and valid rows of the whole batch (MiniLM's :math:`\frac{1}{A_h |x|}\sum`).
 

@@ -18,7 +18,8 @@ Backends:
             O(block x L), never [L, L] per head.
 
 For ``sum`` / ``batchmean`` the gradient is computed inside the forward pass (the scores are already there) and
-backward only scales it by grad_output; for ``none`` backward recomputes the tiles with w = grad_output.
+backward only scales it by grad_output (always: q / k are input-sized, so it is cheap and needs no sync); for
+``none`` backward recomputes the tiles with w = grad_output.
 """
 
 from __future__ import annotations
@@ -226,10 +227,9 @@ def _backward(ctx, grad_loss, _gq, _gk):
         dq, dk = attention_distill_backward_op(sq, sk, tq, tk, mask, causal, ss, st, grad_loss, backend)
         return (dq, dk) + nones
     dq, dk = ctx.saved_tensors
-    if torch.compiler.is_compiling() or not torch.equal(grad_loss, torch.ones_like(grad_loss)):
-        # skipped in eager mode when grad_output is exactly 1 (the common case: loss.backward())
-        dq, dk = dq * grad_loss.to(dq.dtype), dk * grad_loss.to(dk.dtype)
-    return (dq, dk) + nones
+    # always scaled: q / k are input-sized, so the multiply is negligible next to the O(L^2) forward, and testing
+    # grad_output == 1 would cost a device sync and break tracing
+    return (dq * grad_loss.to(dq.dtype), dk * grad_loss.to(dk.dtype)) + nones
 
 
 attention_distill_op.register_autograd(_backward, setup_context=_setup_context)
