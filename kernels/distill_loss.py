@@ -3,9 +3,9 @@
 One program per row. With ``z = student / T`` and ``y = teacher / T`` (scaled in fp32 after loading), the kernel
 walks the vocabulary in tiles of BLOCK_V and never materializes anything of size [N, V] but the gradient:
 
-* forward / reverse KL: 2 passes. Pass 1 keeps the online max and sum-exp of both rows and the running, rescaled
-  sum of the KL's first term, e.g. KL(pt || ps) = (1 / Zt) sum exp(y - my) (y - z) - lse_y + lse_z; pass 2 writes
-  the gradient (skipped when NEED_GRAD is False).
+* forward / reverse KL: 2 passes. Pass 1 keeps the online max m and sum-exp S of both rows and the running,
+  rescaled sum of the KL's first term, e.g. KL(pt || ps) = sum exp(y - my) (y - z) / Sy - (my - mz) - log Sy + log Sz;
+  pass 2 writes the gradient (skipped when NEED_GRAD is False).
 * JSD / TVD / skew KLs: 3 passes. Pass 1 gives both log-sum-exps; pass 2 the per-element loss terms, the loss and
   c = sum_j ps_j a_j, where a_j = dD / dps_j; pass 3 writes the gradient.
 
@@ -55,13 +55,12 @@ def _log_mix(b_la, b_lb, log_wa, log_wb):
 
 
 @triton.jit
-def _element_terms(b_z, b_y, lse_z, lse_y, beta, log_beta, log_1m_beta, DIVERGENCE: tl.constexpr):
-    """Per-element loss term d_j (D = sum_j d_j) and gradient weight a_j = dD / dps_j for the 3-pass divergences.
+def _element_terms(b_ls, b_lt, beta, log_beta, log_1m_beta, DIVERGENCE: tl.constexpr):
+    """Per-element loss term d_j (D = sum_j d_j) and gradient weight a_j = dD / dps_j for the 3-pass divergences,
+    from log ps and log pt.
 
     Returns (ps, d, a), each [BLOCK_V]; a is only meaningful where ps > 0 (callers multiply it by ps and guard).
     """
-    b_ls = b_z - lse_z  # log ps
-    b_lt = b_y - lse_y  # log pt
     b_ps = tl.exp(b_ls)
     b_pt = tl.exp(b_lt)
     if DIVERGENCE == JSD:
@@ -153,15 +152,16 @@ def distill_loss_rows_kernel(
                 b_acc = b_acc * b_alpha_z + tl.sum(tl.where(b_ez == 0, 0.0, b_ez * (b_z - b_y)), axis=0)
             b_mz = b_mz_new
             b_my = b_my_new
-        # a row that is all -inf gives lse = -inf and then NaN below, as log_softmax does in the reference
-        lse_z = b_mz + tl.log(b_sz)
-        lse_y = b_my + tl.log(b_sy)
+        # log p = (x - m) - log S, never x - (m + log S): m + log S would round to the ulp of m (1e-3 at logits of
+        # 1e4), while x - m is exact near the max. A row that is all -inf gives NaN here, like log_softmax.
+        log_sz = tl.log(b_sz)
+        log_sy = tl.log(b_sy)
 
         if TWO_PASS:
             if DIVERGENCE == FORWARD_KL:
-                b_loss = b_acc / b_sy - lse_y + lse_z
+                b_loss = b_acc / b_sy - (b_my - b_mz) - log_sy + log_sz
             else:
-                b_loss = b_acc / b_sz - lse_z + lse_y
+                b_loss = b_acc / b_sz - (b_mz - b_my) - log_sz + log_sy
             tl.store(loss_ptr + i_n, loss_scale * b_loss)
             if NEED_GRAD:
                 # ---- pass 2: grad = coef * (ps - pt) (forward) or coef * ps (log ps - log pt - D) (reverse)
@@ -170,11 +170,13 @@ def distill_loss_rows_kernel(
                     m_v = v0 + o_v < V
                     b_z = tl.load(p_s + v0 + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * inv_temperature
                     b_y = tl.load(p_t + v0 + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * inv_temperature
-                    b_ps = tl.exp(b_z - lse_z)  # [BLOCK_V]
+                    b_ls = (b_z - b_mz) - log_sz  # [BLOCK_V] log ps
+                    b_lt = (b_y - b_my) - log_sy  # [BLOCK_V] log pt
+                    b_ps = tl.exp(b_ls)
                     if DIVERGENCE == FORWARD_KL:
-                        b_g = b_ps - tl.exp(b_y - lse_y)
+                        b_g = b_ps - tl.exp(b_lt)
                     else:
-                        b_g = tl.where(b_ps == 0, 0.0, b_ps * ((b_z - lse_z) - (b_y - lse_y) - b_loss))
+                        b_g = tl.where(b_ps == 0, 0.0, b_ps * (b_ls - b_lt - b_loss))
                     tl.store(p_g + v0 + o_v, (b_coef * b_g).to(grad_ptr.dtype.element_ty), mask=m_v)
         else:
             # ---- pass 2: the loss and c = sum_j ps_j a_j
@@ -184,7 +186,9 @@ def distill_loss_rows_kernel(
                 m_v = v0 + o_v < V
                 b_z = tl.load(p_s + v0 + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * inv_temperature
                 b_y = tl.load(p_t + v0 + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * inv_temperature
-                b_ps, b_d, b_a = _element_terms(b_z, b_y, lse_z, lse_y, beta, log_beta, log_1m_beta, DIVERGENCE)
+                b_ps, b_d, b_a = _element_terms(
+                    (b_z - b_mz) - log_sz, (b_y - b_my) - log_sy, beta, log_beta, log_1m_beta, DIVERGENCE
+                )
                 b_loss += tl.sum(tl.where(m_v, b_d, 0.0), axis=0)
                 if NEED_GRAD:
                     b_c += tl.sum(tl.where(b_ps == 0, 0.0, b_ps * b_a), axis=0)
@@ -196,7 +200,9 @@ def distill_loss_rows_kernel(
                     m_v = v0 + o_v < V
                     b_z = tl.load(p_s + v0 + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * inv_temperature
                     b_y = tl.load(p_t + v0 + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * inv_temperature
-                    b_ps, b_d, b_a = _element_terms(b_z, b_y, lse_z, lse_y, beta, log_beta, log_1m_beta, DIVERGENCE)
+                    b_ps, b_d, b_a = _element_terms(
+                        (b_z - b_mz) - log_sz, (b_y - b_my) - log_sy, beta, log_beta, log_1m_beta, DIVERGENCE
+                    )
                     b_g = tl.where(b_ps == 0, 0.0, b_ps * (b_a - b_c))
                     tl.store(p_g + v0 + o_v, (b_coef * b_g).to(grad_ptr.dtype.element_ty), mask=m_v)
     else:
