@@ -88,14 +88,16 @@ def fused_linear_distill_loss(
     buckets (the k teacher tokens and a tail "every other token"); the student side uses its full softmax over Vs
     (bucket j = p_s(idx_j), tail = the student's mass outside the top k). ``topk_tail`` picks the teacher's tail:
 
-    - ``"renormalize"``: teacher probabilities softmax(values / T) over the k entries, tail 0 (with forward KL: the
-      DistillKit sparse KD loss). ``values`` may be logits or log-probs (the result is the same). Reverse KL is
-      infinite here (the student has mass off the teacher's support) and is rejected.
-    - ``"bucket"``: ``values`` must be the teacher's log-probs at temperature T (``log_softmax(z_t / T).topk(k)``);
-      the tail holds 1 - sum(exp(values)) and is matched against the student's tail mass (TRL / DistillKit tail bucket).
+    - ``"renormalize"``: teacher probabilities renormalized over the k entries, tail 0 (with forward KL: the
+      DistillKit sparse KD loss). Reverse KL is infinite here (the student has mass off the teacher's support) and
+      is rejected.
+    - ``"bucket"``: the teacher's tail holds 1 - sum(exp(values)) and is matched against the student's tail mass
+      (the TRL / DistillKit tail bucket); needs log-probs.
 
-    ``topk_values`` (``"logprobs"`` or ``"logits"``) documents what ``values`` hold; ``"logits"`` with ``"bucket"`` is
-    an error (the tail mass is unknown from logits). Indices must be distinct within a row and lie in [0, Vs).
+    ``topk_values`` says what ``values`` hold: ``"logprobs"`` (default), the teacher's log-probs *at the distillation
+    temperature*, ``log_softmax(z_t / T).topk(k)`` (cache them at the T you train with), or ``"logits"``, raw teacher
+    logits (divided by T here; ``"renormalize"`` only, since the tail mass is unknown from logits). Indices must be
+    distinct within a row and lie in [0, Vs).
 
     Args:
         student_hidden: final student hidden states, float32 / bfloat16 / float16, ``[N, Hs]`` or ``[B, T, Hs]``.
@@ -160,6 +162,7 @@ def fused_linear_distill_loss(
         raise ValueError(f"chunk_size={chunk_size!r} is invalid; expected None or a positive int")
     N = lead_shape.numel()
     device = student_hidden.device
+    compiling = torch.compiler.is_compiling()
 
     dense = teacher_hidden is not None or teacher_weight is not None
     if dense and teacher_topk is not None:
@@ -230,7 +233,7 @@ def fused_linear_distill_loss(
             )
         values = values.reshape(N, values.shape[-1])
         indices = indices.reshape(N, indices.shape[-1]).long()
-        if N and (int(indices.min()) < 0 or int(indices.max()) >= Vs):
+        if N and not compiling and (int(indices.min()) < 0 or int(indices.max()) >= Vs):
             raise ValueError(
                 f"teacher_topk indices lie in [{int(indices.min())}, {int(indices.max())}]; expected [0, Vs={Vs})"
             )
@@ -242,7 +245,7 @@ def fused_linear_distill_loss(
         if labels.device != device:
             raise ValueError(f"labels is on {labels.device} but student_hidden is on {device}; expected the same device")
         labels = labels.reshape(N).long()
-        if hard_weight != 0:
+        if hard_weight != 0 and not compiling:  # value checks need a host sync; skipped under torch.compile
             lab = labels[labels != ignore_index]
             if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= Vs):
                 raise ValueError(
@@ -279,6 +282,7 @@ def fused_linear_distill_loss(
         _dl.REDUCTION_ID[reduction],
         bool(scale_by_t2),
         _op.TOPK_TAILS.index(topk_tail),
+        topk_values == "logits",
         int(chunk_size or 0),
         bool(accum_fp32),
         need_x,

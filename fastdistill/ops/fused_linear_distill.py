@@ -22,8 +22,11 @@ Top-k teachers (``topk_values`` [N, k], ``topk_indices`` [N, k], distinct indice
 between two distributions over k + 1 buckets, the k teacher tokens and one tail bucket "every other token":
 
     student:  p_s(idx_j) from the student's full softmax over Vs at temperature T; tail = 1 - sum_j p_s(idx_j)
-    teacher:  renormalize  q_j = softmax_j(values / T), tail 0 (logits or log-probs give the same q)
+    teacher:  renormalize  q_j = softmax_j(values / T) for logits, softmax_j(values) for log-probs at T; tail 0
               bucket       q_j = exp(values_j), tail = 1 - sum_j q_j (values are log-probs of the teacher at T)
+
+``values`` are the teacher's logits, or its log-probs at the distillation temperature T (``log_softmax(z_t / T)``);
+the op takes them as ``topk_tail`` (0 renormalize, 1 bucket) and ``topk_logits``.
 
 With ``renormalize`` and forward KL this is the sparse KD of DistillKit (teacher renormalized over its top k, student
 log-probs from the full softmax); ``bucket`` is the tail-bucket variant (TRL / DistillKit). Reverse KL against a
@@ -38,6 +41,7 @@ import torch
 
 from fastdistill import _backend
 from fastdistill.ops import distill_loss as _dl
+from fastdistill.ops._autograd import is_exactly_one
 from fastdistill.reference import DIVERGENCES, REDUCTIONS, divergence_rows
 
 DIVERGENCE_ID = _dl.DIVERGENCE_ID
@@ -102,11 +106,12 @@ def _ce_rows_and_grad(s32: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor
     return ce, grad
 
 
-def teacher_topk_logprobs(values: torch.Tensor, tail: int, temperature: float) -> torch.Tensor:
-    """Teacher bucket log-probs [C, k + 1] (k tokens, then the tail) in fp32."""
+def teacher_topk_logprobs(values: torch.Tensor, tail: int, temperature: float, logits: bool) -> torch.Tensor:
+    """Teacher bucket log-probs [C, k + 1] (k tokens, then the tail) in fp32; ``values`` are logits (tempered here)
+    or log-probs already at temperature T."""
     v = values.float()
     if tail == 0:  # renormalize over the top k
-        lq = torch.log_softmax(v / temperature, dim=-1)
+        lq = torch.log_softmax(v / temperature if logits else v, dim=-1)
         lq_tail = torch.full_like(lq[:, :1], -math.inf)
     else:  # bucket: values are log-probs at temperature T; the tail holds the rest of the mass
         lq = v
@@ -116,21 +121,43 @@ def teacher_topk_logprobs(values: torch.Tensor, tail: int, temperature: float) -
 
 
 def bucket_divergence_and_grad(ls: torch.Tensor, lq: torch.Tensor, divergence: int, beta: float):
-    """Divergence rows D(q, p_s) over k + 1 buckets and g = dD / d log p_s(bucket) (small: [C, k + 1])."""
+    """Divergence rows D(q, p_s) over k + 1 buckets and g = dD / d log p_s(bucket), both [C, k + 1] -> [C], [C, k + 1].
+
+    g is in closed form (torch.func / autograd are not usable inside a custom op under torch.compile). Multiples of
+    p_s added to g do not change the chained gradient (sum_j p_j d log p_j / ds = 0), so such terms are dropped.
+    """
     name = DIVERGENCES[divergence]
-
-    def rows_of(x):
-        # inputs are normalized log-probs: log_softmax inside divergence_rows is the identity on them, and its
-        # Jacobian's extra term vanishes once chained with d log p / d s (sum_j p_j d log p_j / ds = 0)
-        return divergence_rows(x, lq, name, beta, 1.0)
-
-    rows, vjp = torch.func.vjp(rows_of, ls)
-    (g,) = vjp(torch.ones_like(rows))
+    rows = divergence_rows(ls, lq, name, beta, 1.0)  # normalized log-probs: its log_softmax is the identity
+    p, q = ls.exp(), lq.exp()
+    zero = torch.zeros_like(ls)
+    keep = p > 0
+    both = keep | (q > 0)
+    l_, lq_ = torch.where(both, ls, zero), torch.where(both, lq, zero)  # no -inf - -inf below
+    if name == "forward_kl":
+        g = -q
+    elif name == "reverse_kl":
+        g = p * (l_ - lq_)
+    elif name == "tvd":
+        g = 0.5 * torch.sign(p - q) * p
+    elif name == "jsd":
+        lm = torch.logaddexp(l_ + math.log1p(-beta), lq_ + math.log(beta))
+        g = (1 - beta) * p * (l_ - lm)
+    elif name == "skew_forward_kl":  # m = beta q + (1 - beta) p
+        if beta == 1.0:
+            g = zero
+        else:
+            lm = l_ if beta == 0.0 else torch.logaddexp(lq_ + math.log(beta), l_ + math.log1p(-beta))
+            g = -(1 - beta) * q * torch.exp(l_ - lm)
+    else:  # skew_reverse_kl: m = beta p + (1 - beta) q
+        lm = l_ if beta == 1.0 else (lq_ if beta == 0.0 else torch.logaddexp(l_ + math.log(beta), lq_ + math.log1p(-beta)))
+        g = p * (l_ - lm - beta * torch.exp(l_ - lm))
+    if name != "forward_kl":
+        g = torch.where(keep, g, zero)
     return rows, g
 
 
-def _topk_chunk_torch(s32, values, indices, labels, divergence, beta, temperature, tail, soft_scale, loss_scale,
-                      hard_scale, need_soft, need_hard):
+def _topk_chunk_torch(s32, values, indices, labels, divergence, beta, temperature, tail, topk_logits, soft_scale,
+                      loss_scale, hard_scale, need_soft, need_hard):
     """Top-k chunk in torch: one logsumexp per temperature (shared with CE when T = 1), gather, bucket divergence."""
     T = temperature
     zT = s32 / T if T != 1.0 else s32
@@ -145,7 +172,7 @@ def _topk_chunk_torch(s32, values, indices, labels, divergence, beta, temperatur
         tail_mass = torch.where(in_topk, torch.zeros_like(p), p).sum(-1)
         ls_tail = torch.where(tail_mass > 0, tail_mass.clamp_min(1e-38).log(), torch.full_like(tail_mass, -math.inf))
         ls = torch.cat([ls_k, ls_tail[:, None]], dim=-1)
-        lq = teacher_topk_logprobs(values, tail, T)
+        lq = teacher_topk_logprobs(values, tail, T, topk_logits)
         rows, g = bucket_divergence_and_grad(ls, lq, divergence, beta)
         soft_rows = rows * loss_scale
         coef = soft_scale * loss_scale / T
@@ -161,8 +188,8 @@ def _topk_chunk_torch(s32, values, indices, labels, divergence, beta, temperatur
     return ce_rows, soft_rows, dlogits
 
 
-def _topk_chunk_triton(s, values, indices, labels, divergence, beta, temperature, tail, soft_scale, loss_scale,
-                       hard_scale, need_soft, need_hard):
+def _topk_chunk_triton(s, values, indices, labels, divergence, beta, temperature, tail, topk_logits, soft_scale,
+                       loss_scale, hard_scale, need_soft, need_hard):
     """Top-k chunk with the Triton kernels: pass 1 (softmax stats at T and 1, exact tail mass), the small bucket
     divergence in torch, pass 2 (dlogits over the vocabulary)."""
     from fastdistill.ops.fused_linear_distill_triton import topk_grad, topk_stats
@@ -175,7 +202,7 @@ def _topk_chunk_triton(s, values, indices, labels, divergence, beta, temperature
     if need_soft:
         ls_k = s.gather(1, indices).float() / T - lseT[:, None]
         ls = torch.cat([ls_k, log_tail[:, None]], dim=-1)
-        lq = teacher_topk_logprobs(values, tail, T)
+        lq = teacher_topk_logprobs(values, tail, T, topk_logits)
         rows, g = bucket_divergence_and_grad(ls, lq, divergence, beta)
         soft_rows = rows * loss_scale
         coef = soft_scale * loss_scale / T
@@ -195,7 +222,7 @@ def _topk_chunk_triton(s, values, indices, labels, divergence, beta, temperature
 def _dense_chunk(s, t, labels, divergence, beta, temperature, soft_scale, loss_scale, hard_scale, need_soft, need_hard,
                  need_grad, soft_backend):
     """Dense teacher chunk: the row kernel on the common vocabulary prefix, CE on the same logits."""
-    Vc = min(s.shape[1], t.shape[1])
+    Vc = min(s.shape[1], t.shape[1]) if t is not None else s.shape[1]
     soft_rows = ce_rows = None
     dlogits = None
     if need_soft:
@@ -246,6 +273,7 @@ def fused_linear_distill_forward(
     reduction: int,
     scale_by_t2: bool,
     topk_tail: int,
+    topk_logits: bool,
     chunk_size: int,
     accum_fp32: bool,
     need_grad_hidden: bool,
@@ -307,8 +335,8 @@ def fused_linear_distill_forward(
         lab_c = take(labels)
         s = torch.nn.functional.linear(X_c, W, student_bias)  # [C, Vs]
         if sparse:
-            args = (take(topk_values), take(topk_indices), lab_c, divergence, beta, temperature, topk_tail, soft_scale,
-                    loss_scale, hard_scale, need_soft, need_hard)
+            args = (take(topk_values), take(topk_indices), lab_c, divergence, beta, temperature, topk_tail,
+                    topk_logits, soft_scale, loss_scale, hard_scale, need_soft, need_hard)
             if k_backend == "triton":
                 ce_rows, soft_rows, dlogits = _topk_chunk_triton(s, *args)
             else:
@@ -379,6 +407,7 @@ def fused_linear_distill_op(
     reduction: int,
     scale_by_t2: bool,
     topk_tail: int,
+    topk_logits: bool,
     chunk_size: int,
     accum_fp32: bool,
     need_grad_hidden: bool,
@@ -390,14 +419,14 @@ def fused_linear_distill_op(
     return fused_linear_distill_forward(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, topk_values,
         topk_indices, labels, divergence, beta, temperature, hard_weight, soft_weight, ignore_index, reduction,
-        scale_by_t2, topk_tail, chunk_size, accum_fp32, need_grad_hidden, need_grad_weight, need_grad_bias, backend,
+        scale_by_t2, topk_tail, topk_logits, chunk_size, accum_fp32, need_grad_hidden, need_grad_weight, need_grad_bias, backend,
     )
 
 
 @fused_linear_distill_op.register_fake
 def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, topk_values,
       topk_indices, labels, divergence, beta, temperature, hard_weight, soft_weight, ignore_index, reduction,
-      scale_by_t2, topk_tail, chunk_size, accum_fp32, need_grad_hidden, need_grad_weight, need_grad_bias, backend):
+      scale_by_t2, topk_tail, topk_logits, chunk_size, accum_fp32, need_grad_hidden, need_grad_weight, need_grad_bias, backend):
     N = student_hidden.shape[0]
     shape = (N,) if reduction == REDUCTION_ID["none"] else ()
     loss = student_hidden.new_empty(shape, dtype=torch.float32)
@@ -423,15 +452,16 @@ def _scale(grad: torch.Tensor, grad_loss: torch.Tensor, reduction: int) -> torch
     if reduction == REDUCTION_ID["none"]:
         # the gradients were accumulated for loss.sum(); a per-row grad_output can only be applied when it is uniform
         scale = grad_loss.reshape(-1)[:1] if grad_loss.numel() else grad_loss.new_ones(1)
-        if not torch.compiler.is_compiling() and grad_loss.numel() and not torch.all(grad_loss == scale):
+        eager = not torch.compiler.is_compiling() and type(grad_loss) is torch.Tensor
+        if eager and grad_loss.numel() and not torch.all(grad_loss == scale):
             raise RuntimeError(
                 "fused_linear_distill_loss(reduction='none') supports backward only through a uniform weighting of "
                 "the rows (e.g. loss.sum() or loss.mean()); use reduction='sum' / 'batchmean' for weighted rows"
             )
         return grad * scale.to(grad.dtype).reshape(())
-    if torch.compiler.is_compiling() or not torch.equal(grad_loss, torch.ones_like(grad_loss)):
-        return grad * grad_loss.to(grad.dtype)  # skipped in eager when grad_output is exactly 1
-    return grad
+    if is_exactly_one(grad_loss):  # the common loss.backward(): hand over the precomputed gradient
+        return grad
+    return grad * grad_loss.to(grad.dtype)
 
 
 def _backward(ctx, grad_loss, _g_ce, _g_soft, _g_x, _g_w, _g_b):
@@ -439,7 +469,7 @@ def _backward(ctx, grad_loss, _g_ce, _g_soft, _g_x, _g_w, _g_b):
     gx = _scale(gx, grad_loss, ctx.reduction) if gx.numel() else None
     gw = _scale(gw, grad_loss, ctx.reduction).to(ctx.weight_dtype) if gw.numel() else None
     gb = _scale(gb, grad_loss, ctx.reduction).to(ctx.bias_dtype) if gb.numel() and ctx.bias_dtype else None
-    return (gx, gw, gb) + (None,) * 21
+    return (gx, gw, gb) + (None,) * 22
 
 
 fused_linear_distill_op.register_autograd(_backward, setup_context=_setup_context)

@@ -23,6 +23,7 @@ def topk_divergence_rows(
     beta: float,
     temperature: float,
     tail: str,
+    values_kind: str = "logprobs",
 ) -> torch.Tensor:
     """Per-row divergence between a top-k teacher and the student's full softmax, over k + 1 buckets (k tokens and
     the tail "every other token"); see ``fastdistill.ops.fused_linear_distill`` for the definitions."""
@@ -33,7 +34,8 @@ def topk_divergence_rows(
     ls = torch.cat([ls_k, ls_tail], dim=-1)
     v = values.to(ls.dtype)
     if tail == "renormalize":
-        lq = torch.cat([F.log_softmax(v / temperature, dim=-1), torch.full_like(ls_tail, -math.inf)], dim=-1)
+        v = v / temperature if values_kind == "logits" else v  # log-probs are already at temperature T
+        lq = torch.cat([F.log_softmax(v, dim=-1), torch.full_like(ls_tail, -math.inf)], dim=-1)
     else:
         rest = 1 - v.exp().sum(-1, keepdim=True)
         lq = torch.cat([v, torch.where(rest > 0, rest.clamp_min(1e-300).log(), torch.full_like(rest, -math.inf))], -1)
@@ -58,6 +60,7 @@ def fused_linear_distill_loss_ref(
     ignore_index: int = -100,
     reduction: str = "batchmean",
     topk_tail: str = "renormalize",
+    topk_values: str = "logprobs",
     scale_by_t2: bool = True,
     return_parts: bool = False,
     **_unused,
@@ -77,7 +80,8 @@ def fused_linear_distill_loss_ref(
     if teacher_topk is not None:
         values, indices = teacher_topk
         soft_rows = topk_divergence_rows(
-            s, values.reshape(N, -1), indices.reshape(N, -1).long(), divergence, beta, temperature, topk_tail
+            s, values.reshape(N, -1), indices.reshape(N, -1).long(), divergence, beta, temperature, topk_tail,
+            topk_values,
         )
         soft_rows = soft_rows * (temperature**2 if scale_by_t2 else 1.0)
     elif teacher_weight is not None:

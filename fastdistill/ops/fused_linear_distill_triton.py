@@ -10,7 +10,7 @@ from fastdistill.kernels.topk_distill import topk_grad_kernel, topk_stats_kernel
 
 # the [BLOCK_V, BLOCK_K] membership test bounds the tile; the interpreter gets small tiles (multi-tile paths exercised)
 _MAX_TILE = 16384
-_INTERPRET_MAX_BLOCK_V = 128
+_INTERPRET_MAX_BLOCK_V = 256
 
 
 def _blocks(V: int, K: int, device: torch.device) -> tuple[int, int, int]:
