@@ -27,12 +27,12 @@ import triton
 import triton.language as tl
 
 # Divergence ids: part of the kernel ABI, same order as fastdistill.reference.DIVERGENCES.
-FORWARD_KL: tl.constexpr = 0
-REVERSE_KL: tl.constexpr = 1
-JSD: tl.constexpr = 2
-TVD: tl.constexpr = 3
-SKEW_FORWARD_KL: tl.constexpr = 4
-SKEW_REVERSE_KL: tl.constexpr = 5
+FORWARD_KL = tl.constexpr(0)
+REVERSE_KL = tl.constexpr(1)
+JSD = tl.constexpr(2)
+TVD = tl.constexpr(3)
+SKEW_FORWARD_KL = tl.constexpr(4)
+SKEW_REVERSE_KL = tl.constexpr(5)
 
 
 @triton.jit

@@ -123,8 +123,17 @@ def test_many_small_tiles(divergence, block_v, V):
     s, t = _rand((2, V), seed=6), _rand((2, V), seed=7)
     s[:, 2 * V // 3 :] += 4.0  # the running max changes late in the row
     rows, grad = distill_loss_rows_triton(
-        s, t, None, torch.ones(1, device=DEVICE), op.canonical_divergence(DIV_ID[divergence], BETA), BETA, 1.5,
-        -100, 1.5**2, True, block_v=block_v,
+        s,
+        t,
+        None,
+        torch.ones(1, device=DEVICE),
+        op.canonical_divergence(DIV_ID[divergence], BETA),
+        BETA,
+        1.5,
+        -100,
+        1.5**2,
+        True,
+        block_v=block_v,
     )
     ref_rows, ref_grad = _rows_reference(s, t, divergence, temperature=1.5, loss_scale=1.5**2)
     _close(rows, ref_rows)
@@ -303,8 +312,9 @@ def test_kl_div_matches_torch(reduction, log_target):
     ref = F.kl_div(x64_ref, tgt.exp(), reduction=reduction)
     ref.backward()
     x = x64.float().requires_grad_(True)
-    ours = FD.kl_div(x, (tgt if log_target else tgt.exp()).float(), reduction=reduction, log_target=log_target,
-                     backend="triton")
+    ours = FD.kl_div(
+        x, (tgt if log_target else tgt.exp()).float(), reduction=reduction, log_target=log_target, backend="triton"
+    )
     ours.backward()
     _close(ours, ref)
     _close(x.grad, x64_ref.grad)
@@ -352,3 +362,63 @@ def test_kl_div_low_precision(dtype):
     assert err <= 2 * torch_err + torch.finfo(dtype).eps * abs(float(ref.detach())), (err, torch_err)
     assert (ours_in.grad.double() - x_ref.grad).abs().max() <= 2 * (x_lp.grad.double() - x_ref.grad).abs().max() + 1e-7
 
+
+# ------------------------------------------------------------------------------------------ GPU code generation
+_AOT_SCRIPT = r"""
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)  # compile the real kernels, not the interpreter's stand-ins
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from fastdistill.kernels.distill_loss import distill_loss_rows_kernel
+from fastdistill.kernels.kl_div import kl_div_rows_kernel
+
+def build(jit, sig, consts):
+    names = jit.arg_names
+    aligned = [n for n, ty in sig.items() if ty.startswith("*") or n.startswith("stride") or n == "V"]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}  # what the launcher's specialization sees
+    consts = {(names.index(n),): v for n, v in consts.items()}
+    sig = {**sig, **{names[i]: "constexpr" for (i,) in consts}}
+    k = triton.compile(ASTSource(jit, sig, consts, attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": 16})
+    ptx = k.asm["ptx"]
+    assert "ld.global.v4" in ptx, "bf16 tiles are not loaded with 16-byte vectors"
+    assert ".local" not in ptx, "register spills"
+
+common = {"grad_scale_ptr": "*fp32", "loss_ptr": "*fp32", "stride_g": "i64"}
+for div, has_labels, need_grad in ((0, True, True), (1, False, False), (2, True, True), (3, False, True)):
+    sig = {"student_ptr": "*bf16", "teacher_ptr": "*bf16", "stride_s": "i64", "stride_t": "i64", "V": "i32",
+           "inv_temperature": "fp32", "beta": "fp32", "log_beta": "fp32", "log_1m_beta": "fp32", "loss_scale": "fp32",
+           "ignore_index": "i32", **common}
+    consts = {"DIVERGENCE": div, "BLOCK_V": 4096, "HAS_LABELS": has_labels, "NEED_GRAD": need_grad,
+              "TWO_PASS": div in (0, 1)}
+    if has_labels:
+        sig["labels_ptr"] = "*i64"
+    else:
+        consts["labels_ptr"] = None
+    if need_grad:
+        sig["grad_ptr"] = "*bf16"
+    else:
+        consts["grad_ptr"] = None
+    build(distill_loss_rows_kernel.fn, sig, consts)
+sig = {"input_ptr": "*bf16", "target_ptr": "*bf16", "grad_ptr": "*bf16", "stride_x": "i64", "stride_t": "i64",
+       "V": "i32", **common}
+build(kl_div_rows_kernel.fn, sig, {"LOG_TARGET": True, "BLOCK_V": 4096, "NEED_GRAD": True})
+print("ok")
+"""
+
+
+def test_kernels_compile_for_hopper():
+    """The interpreter accepts code that the compiler rejects (e.g. non-constexpr globals): compile the kernels for
+    sm_90 ahead of time, no GPU needed, and check that bf16 rows are read with 16-byte vector loads, without spills."""
+    import os
+    import subprocess
+    import sys
+
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this triton install has no bundled ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
