@@ -55,6 +55,16 @@ def _log_mix(b_la, b_lb, log_wa, log_wb):
 
 
 @triton.jit
+def _load_tiles(p_s, p_t, v0, o_v, V, inv_temperature, EVICT: tl.constexpr):
+    """The student and teacher tiles at columns v0 + o_v, in fp32 and divided by T; -inf past the row's end, so they
+    add nothing to a sum-exp. Returns (mask, z, y)."""
+    m_v = v0 + o_v < V
+    b_z = tl.load(p_s + v0 + o_v, mask=m_v, other=float("-inf"), eviction_policy=EVICT).to(tl.float32)  # [BLOCK_V]
+    b_y = tl.load(p_t + v0 + o_v, mask=m_v, other=float("-inf"), eviction_policy=EVICT).to(tl.float32)  # [BLOCK_V]
+    return m_v, b_z * inv_temperature, b_y * inv_temperature
+
+
+@triton.jit
 def _element_terms(b_ls, b_lt, beta, log_beta, log_1m_beta, DIVERGENCE: tl.constexpr):
     """Per-element loss term d_j (D = sum_j d_j) and gradient weight a_j = dD / dps_j for the 3-pass divergences,
     from log ps and log pt.
@@ -128,16 +138,14 @@ def distill_loss_rows_kernel(
     if HAS_LABELS:
         valid = tl.load(labels_ptr + i_n) != ignore_index
     if valid:
-        # ---- pass 1: online max / sum-exp of both rows (+ the KL's first term for the 2-pass divergences)
+        # ---- pass 1 (head to tail): online max / sum-exp of both rows (+ the KL's first term for the 2-pass ones)
         b_mz = float("-inf")
         b_my = float("-inf")
         b_sz = 0.0
         b_sy = 0.0
         b_acc = 0.0  # forward KL: sum exp(y - my) (y - z); reverse KL: sum exp(z - mz) (z - y)
         for v0 in range(0, V, BLOCK_V):
-            m_v = v0 + o_v < V
-            b_z = tl.load(p_s + v0 + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * inv_temperature  # [BLOCK_V]
-            b_y = tl.load(p_t + v0 + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * inv_temperature  # [BLOCK_V]
+            m_v, b_z, b_y = _load_tiles(p_s, p_t, v0, o_v, V, inv_temperature, "")
             b_mz_new = tl.maximum(b_mz, tl.max(b_z, axis=0))
             b_my_new = tl.maximum(b_my, tl.max(b_y, axis=0))
             b_alpha_z = tl.exp(b_mz - _safe_max(b_mz_new))
@@ -156,6 +164,9 @@ def distill_loss_rows_kernel(
         # 1e4), while x - m is exact near the max. A row that is all -inf gives NaN here, like log_softmax.
         log_sz = tl.log(b_sz)
         log_sy = tl.log(b_sy)
+        # The passes alternate direction so that each starts on the tiles the previous one read last, which are the
+        # likeliest to still be in L2 (a bf16 row pair of a 128k vocabulary is 0.5 MB, too much to keep whole).
+        n_tiles = tl.cdiv(V, BLOCK_V)
 
         if TWO_PASS:
             if DIVERGENCE == FORWARD_KL:
@@ -164,12 +175,11 @@ def distill_loss_rows_kernel(
                 b_loss = b_acc / b_sz - (b_mz - b_my) - log_sz + log_sy
             tl.store(loss_ptr + i_n, loss_scale * b_loss)
             if NEED_GRAD:
-                # ---- pass 2: grad = coef * (ps - pt) (forward) or coef * ps (log ps - log pt - D) (reverse)
+                # ---- pass 2 (tail to head): grad = coef (ps - pt) (forward), coef ps (log ps - log pt - D) (reverse)
                 b_coef = tl.load(grad_scale_ptr).to(tl.float32) * loss_scale * inv_temperature
-                for v0 in range(0, V, BLOCK_V):
-                    m_v = v0 + o_v < V
-                    b_z = tl.load(p_s + v0 + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * inv_temperature
-                    b_y = tl.load(p_t + v0 + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * inv_temperature
+                for i_v in range(0, n_tiles):
+                    v0 = (n_tiles - 1 - i_v) * BLOCK_V
+                    m_v, b_z, b_y = _load_tiles(p_s, p_t, v0, o_v, V, inv_temperature, "evict_first")
                     b_ls = (b_z - b_mz) - log_sz  # [BLOCK_V] log ps
                     b_lt = (b_y - b_my) - log_sy  # [BLOCK_V] log pt
                     b_ps = tl.exp(b_ls)
@@ -177,15 +187,20 @@ def distill_loss_rows_kernel(
                         b_g = b_ps - tl.exp(b_lt)
                     else:
                         b_g = tl.where(b_ps == 0, 0.0, b_ps * (b_ls - b_lt - b_loss))
-                    tl.store(p_g + v0 + o_v, (b_coef * b_g).to(grad_ptr.dtype.element_ty), mask=m_v)
+                    # the gradient is not read again here: stream it past L2
+                    tl.store(
+                        p_g + v0 + o_v,
+                        (b_coef * b_g).to(grad_ptr.dtype.element_ty),
+                        mask=m_v,
+                        eviction_policy="evict_first",
+                    )
         else:
-            # ---- pass 2: the loss and c = sum_j ps_j a_j
+            # ---- pass 2 (tail to head): the loss and c = sum_j ps_j a_j
             b_loss = 0.0
             b_c = 0.0
-            for v0 in range(0, V, BLOCK_V):
-                m_v = v0 + o_v < V
-                b_z = tl.load(p_s + v0 + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * inv_temperature
-                b_y = tl.load(p_t + v0 + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * inv_temperature
+            for i_v in range(0, n_tiles):
+                v0 = (n_tiles - 1 - i_v) * BLOCK_V
+                m_v, b_z, b_y = _load_tiles(p_s, p_t, v0, o_v, V, inv_temperature, "")
                 b_ps, b_d, b_a = _element_terms(
                     (b_z - b_mz) - log_sz, (b_y - b_my) - log_sy, beta, log_beta, log_1m_beta, DIVERGENCE
                 )
@@ -194,17 +209,20 @@ def distill_loss_rows_kernel(
                     b_c += tl.sum(tl.where(b_ps == 0, 0.0, b_ps * b_a), axis=0)
             tl.store(loss_ptr + i_n, loss_scale * b_loss)
             if NEED_GRAD:
-                # ---- pass 3: grad = coef * ps (a - c)
+                # ---- pass 3 (head to tail): grad = coef * ps (a - c)
                 b_coef = tl.load(grad_scale_ptr).to(tl.float32) * loss_scale * inv_temperature
                 for v0 in range(0, V, BLOCK_V):
-                    m_v = v0 + o_v < V
-                    b_z = tl.load(p_s + v0 + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * inv_temperature
-                    b_y = tl.load(p_t + v0 + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * inv_temperature
+                    m_v, b_z, b_y = _load_tiles(p_s, p_t, v0, o_v, V, inv_temperature, "evict_first")
                     b_ps, b_d, b_a = _element_terms(
                         (b_z - b_mz) - log_sz, (b_y - b_my) - log_sy, beta, log_beta, log_1m_beta, DIVERGENCE
                     )
                     b_g = tl.where(b_ps == 0, 0.0, b_ps * (b_a - b_c))
-                    tl.store(p_g + v0 + o_v, (b_coef * b_g).to(grad_ptr.dtype.element_ty), mask=m_v)
+                    tl.store(
+                        p_g + v0 + o_v,
+                        (b_coef * b_g).to(grad_ptr.dtype.element_ty),
+                        mask=m_v,
+                        eviction_policy="evict_first",
+                    )
     else:
         # ignored row: loss 0 and gradient 0, without reading the logits
         tl.store(loss_ptr + i_n, 0.0)

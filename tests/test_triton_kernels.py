@@ -365,7 +365,7 @@ def test_kl_div_low_precision(dtype):
 
 # ------------------------------------------------------------------------------------------ GPU code generation
 _AOT_SCRIPT = r"""
-import os, sys
+import os, re
 os.environ.pop("TRITON_INTERPRET", None)  # compile the real kernels, not the interpreter's stand-ins
 import triton
 from triton.backends.compiler import GPUTarget
@@ -382,7 +382,9 @@ def build(jit, sig, consts):
     sig = {**sig, **{names[i]: "constexpr" for (i,) in consts}}
     k = triton.compile(ASTSource(jit, sig, consts, attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": 16})
     ptx = k.asm["ptx"]
-    assert "ld.global.v4" in ptx, "bf16 tiles are not loaded with 16-byte vectors"
+    loads = re.findall(r"ld\.global[\w:.]*", ptx)
+    assert any(ld.endswith(".v4.b32") for ld in loads), "bf16 tiles are not loaded with 16-byte vectors"
+    assert not any(ld.endswith(".b16") for ld in loads), f"element-wise bf16 loads: {loads}"
     assert ".local" not in ptx, "register spills"
 
 common = {"grad_scale_ptr": "*fp32", "loss_ptr": "*fp32", "stride_g": "i64"}
