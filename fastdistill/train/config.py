@@ -73,6 +73,7 @@ SCHEMA: dict[str, Any] = {
         "model": (_opt(_str), None),
         "config": (_opt((dict,)), None),
         "init_from_teacher": (_opt((dict,)), None),  # {layers: [0, 6, ...]}: a DistilBERT-style layer subset
+        "freeze_embeddings": (_bool, False),  # keep the (tied) input embedding / lm_head weights fixed
         "dtype": (_str, "float32"),
         "deepspeed": DEEPSPEED_STUDENT,
     },
@@ -144,7 +145,18 @@ def _fill(section: dict, given: Any, prefix: str) -> dict:
             out[key] = copy.deepcopy(default)
             continue
         _check_type(name, given[key], types)
-        out[key] = given[key]
+        value = given[key]
+        if isinstance(value, dict) and isinstance(default, dict) and "type" in default and "type" not in value:
+            # e.g. only optimizer.params.lr given: the rest comes from the default optimizer
+            value = _merge(default, value)
+        out[key] = value
+    return out
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 

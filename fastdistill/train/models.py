@@ -75,8 +75,10 @@ def convert_gguf(gguf: str, target: str) -> None:
     folder, filename = os.path.split(gguf)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    # the weights are already dequantized fp32: save them as a plain (unquantized) model
+    model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config  # the weights saved are dequantized fp32
+        del model.config.quantization_config
     tmp = f"{target}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)

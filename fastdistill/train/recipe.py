@@ -145,6 +145,9 @@ def build_student(cfg: dict, teacher_model, loss_fn_factory):
     else:
         model = models.build_causal_lm(s["model"], s["config"], s["dtype"])
     model.config.use_cache = False
+    if s["freeze_embeddings"]:
+        model.get_input_embeddings().weight.requires_grad_(False)
+        model.get_output_embeddings().weight.requires_grad_(False)
     wrapper = models.StudentWithLoss(model, loss_fn_factory(model.config.hidden_size))
     wrapper.train()
     engine, *_ = deepspeed.initialize(model=wrapper, model_parameters=[p for p in wrapper.parameters()
@@ -400,6 +403,7 @@ def run(cfg: dict) -> dict:
                dynamic_ncols=True, desc="distill")
     tokens_per_step = sds["micro_batch_size"] * cfg["data"]["seq_len"] * world * ga
     step = start_step
+    step_rates: list[float] = []
     t_train = time.time()
     while step < sched["max_steps"]:
         t_step = time.time()
@@ -427,6 +431,7 @@ def run(cfg: dict) -> dict:
         vals /= world
         row = {f"train/{k}": float(v) for k, v in zip(sorted(sums), vals)}
         elapsed = time.time() - t_step
+        step_rates.append(tokens_per_step / elapsed)
         row.update({"train/lr": float(student.get_lr()[0]), "perf/tokens_per_s": tokens_per_step / elapsed,
                     "perf/teacher_s": t_teacher, "perf/student_s": t_student})
         if metrics and step % sched["log_every"] == 0:
@@ -451,7 +456,13 @@ def run(cfg: dict) -> dict:
 
     # -- final evaluation, checkpoint, export ----------------------------------------------------------------------
     s_ppl, _ = perplexity(eval_batches, None, student, teacher_weight)
-    summary.update(student_ppl_after=s_ppl, steps=step, train_seconds=train_s)
+    import resource
+
+    rss = [None] * world  # peak resident memory of every rank (ru_maxrss is in KiB on Linux)
+    dist.all_gather_object(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    steady = step_rates[1:] or step_rates  # the first step pays one-time costs
+    summary.update(student_ppl_after=s_ppl, steps=step, train_seconds=train_s, peak_rss_mib_per_rank=rss,
+                   tokens_per_s=sum(steady) / max(len(steady), 1), teacher_param_bytes_per_rank=all_mem)
     if metrics:
         metrics.log(step, {"eval/student_ppl": s_ppl})
     if step > start_step or not os.path.isfile(os.path.join(out_dir, CHECKPOINTS, "latest")):
