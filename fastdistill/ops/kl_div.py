@@ -23,7 +23,7 @@ def _rows_torch(input, target, grad_scale, log_target, need_grad):
     x = input.float()
     p = target.float().exp() if log_target else target.float()
     log_p = target.float() if log_target else torch.log(p)
-    rows = torch.where(p > 0, p * (log_p - x), torch.zeros_like(p)).sum(-1)
+    rows = torch.where(p == 0, torch.zeros_like(p), p * (log_p - x)).sum(-1)  # NaN targets stay NaN
     grad = (-p * grad_scale).to(input.dtype) if need_grad else input.new_empty(0)
     return rows, grad
 
@@ -88,7 +88,7 @@ def kl_div(input: torch.Tensor, target: torch.Tensor, reduction: str, log_target
     if reduction == "none":  # the output is itself [N, V]: nothing to fuse; same zero-probability rule as the kernels
         p = target.exp() if log_target else target
         log_p = target if log_target else torch.log(target)
-        return p * torch.where(p > 0, log_p - input, torch.zeros_like(input))
+        return p * torch.where(p == 0, torch.zeros_like(input), log_p - input)
     resolved = _backend.choose_backend(input.device, cpp_op="kl_div_rows", backend=backend)
     need_grad = torch.is_grad_enabled() and input.requires_grad
     loss, _ = kl_div_op(input, target, REDUCTIONS.index(reduction), log_target, need_grad, resolved)
