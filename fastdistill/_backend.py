@@ -30,13 +30,15 @@ def load_extension():
     if os.environ.get("FASTDISTILL_DISABLE_EXT", "0") == "1":
         return None
     try:
-        return importlib.import_module("fastdistill._C")
+        ext = importlib.import_module("fastdistill._C")
     except ImportError as err:  # not built (FASTDISTILL_SKIP_EXT=1, no compiler) or ABI mismatch
         _warn_once(
             f"fastdistill._C is not available ({err}); CPU ops use the pure-torch reference and CUDA ops use "
             "Triton. Build it with `pip install --no-build-isolation -e .`."
         )
         return None
+    importlib.import_module("fastdistill.ops._extension_fakes")  # fake impls of the C++ ops (needs them loaded)
+    return ext
 
 
 def _warn_once(msg: str) -> None:

@@ -1,0 +1,74 @@
+// Input checks shared by the op glue: each message names the argument, what it got and what was expected.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+
+namespace fastdistill {
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
+}
+
+}  // namespace fastdistill
+
+#define FD_CHECK_CPU(x) TORCH_CHECK((x).device().is_cpu(), #x " must be a CPU tensor, got a tensor on ", (x).device())
+
+#define FD_CHECK_CUDA(x) TORCH_CHECK((x).is_cuda(), #x " must be a CUDA tensor, got a tensor on ", (x).device())
+
+#define FD_CHECK_FLOAT(x)                                                                                   \
+  TORCH_CHECK(::fastdistill::is_supported_float((x).scalar_type()), #x " has dtype ", (x).scalar_type(), \
+              "; expected Float, BFloat16, Half or Double")
+
+// [N, V] with a unit stride along V (any row stride)
+#define FD_CHECK_ROWS(x)                                                                                       \
+  TORCH_CHECK((x).dim() == 2, #x " must be 2-D [N, V], got shape ", (x).sizes());                             \
+  TORCH_CHECK((x).size(1) <= 1 || (x).stride(1) == 1, #x " must have a contiguous last dimension (stride 1), " \
+              "got strides ", (x).strides())
+
+#define FD_CHECK_SAME(a, b)                                                                                     \
+  TORCH_CHECK((a).sizes() == (b).sizes(), #a " has shape ", (a).sizes(), " but " #b " has shape ", (b).sizes(), \
+              "; expected the same shape");                                                                     \
+  TORCH_CHECK((a).scalar_type() == (b).scalar_type(), #a " has dtype ", (a).scalar_type(), " but " #b          \
+              " has dtype ", (b).scalar_type(), "; expected the same dtype");                                   \
+  TORCH_CHECK((a).device() == (b).device(), #a " is on ", (a).device(), " but " #b " is on ", (b).device(),    \
+              "; expected the same device")
+
+// one integer label per row, on the rows' device
+#define FD_CHECK_LABELS(labels, rows)                                                                           \
+  TORCH_CHECK(at::isIntegralType((labels).scalar_type(), /*includeBool=*/false), #labels " has dtype ",       \
+              (labels).scalar_type(), "; expected an integer dtype");                                         \
+  TORCH_CHECK((labels).numel() == (rows).size(0), #labels " has ", (labels).numel(), " elements; expected ",  \
+              (rows).size(0), " (one per row of " #rows ")");                                                 \
+  TORCH_CHECK((labels).device() == (rows).device(), #labels " is on ", (labels).device(), " but " #rows       \
+              " is on ", (rows).device(), "; expected the same device")
+
+// a one-element floating tensor
+#define FD_CHECK_SCALE(x)                                                                                     \
+  TORCH_CHECK((x).numel() == 1, #x " must have exactly one element, got shape ", (x).sizes());              \
+  TORCH_CHECK(at::isFloatingType((x).scalar_type()), #x " has dtype ", (x).scalar_type(),                   \
+              "; expected a floating dtype (float32)")
+
+namespace fastdistill {
+
+// Validates the scalar options of distill_loss_rows and returns the divergence id the kernels run: generalized JSD at
+// beta = 0 / 1 is forward / reverse KL (the TRL / Liger convention, as fastdistill.ops.distill_loss maps it), and the
+// skew KLs at beta = 0 are the plain KLs.
+inline int64_t checked_divergence(int64_t divergence, double beta, double temperature) {
+  TORCH_CHECK(divergence >= 0 && divergence <= 5, "divergence=", divergence,
+              " is not a divergence id; expected 0 forward_kl, 1 reverse_kl, 2 jsd, 3 tvd, 4 skew_forward_kl or "
+              "5 skew_reverse_kl");
+  TORCH_CHECK(beta >= 0.0 && beta <= 1.0, "beta=", beta, " is out of range; expected a value in [0, 1]");
+  TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), "temperature=", temperature,
+              " is out of range; expected a finite value > 0");
+  if (divergence == 2 && beta == 0.0) return 0;
+  if (divergence == 2 && beta == 1.0) return 1;
+  // skew KLs at beta = 0: the mixture is the other distribution, i.e. exactly the forward / reverse KL
+  if (divergence == 4 && beta == 0.0) return 0;
+  if (divergence == 5 && beta == 0.0) return 1;
+  return divergence;
+}
+
+}  // namespace fastdistill

@@ -1,0 +1,368 @@
+// Vectorized CPU row kernels of distill_loss_rows and kl_div_rows, written once against at::vec::Vectorized.
+//
+// Included by kernels_default.cpp and kernels_avx2.cpp only, each time with FASTDISTILL_CPU_NS naming the namespace
+// the functions land in and ATen's CPU_CAPABILITY set to match (the vec headers put Vectorized in
+// at::vec::<CPU_CAPABILITY>, so the two variants never share a symbol). No include guard on purpose.
+//
+// Maths per row (s' = student / T, t' = teacher / T, ps = softmax(s'), pt = softmax(t')), all in float32 (float64 for
+// float64 inputs):
+//   pass 1   online per-lane max and sum of exp of both rows (the sum is rescaled only when a lane's max moves, so
+//            there is about one exp per element); forward / reverse KL also accumulate sum exp(t' - mt) (t' - s') /
+//            sum exp(s' - ms) (s' - t') with the same rescaling, which gives their loss without another pass.
+//   pass 2   KL: the gradient. JSD / TVD / skew KL: the loss and S = sum_k ps_k a_k, with a = dL / dps.
+//   pass 3   JSD / TVD / skew KL: the gradient dL/ds'_j = ps_j (a_j - S).
+// Terms with a zero probability are 0 ("0 where p == 0"), so -inf at the same entries of both rows (a masked
+// vocabulary) gives a finite loss and a zero gradient there. NaN or +inf anywhere in a row gives a NaN loss and a
+// NaN gradient row.
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "cpu_kernels.h"
+
+namespace fastdistill::cpu::FASTDISTILL_CPU_NS {
+namespace {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+// exp_u20: ATen's polynomial exp (max error 20 ulp, ~1e-6 relative; no Sleef call). Not NaN-preserving, which is
+// why rows are checked for NaN separately.
+inline Vec<float> vexp(const Vec<float>& x) { return x.exp_u20(); }
+inline Vec<double> vexp(const Vec<double>& x) { return x.exp(); }
+
+// True when any lane of a comparison result (all-ones / all-zeros lanes) is set.
+template <typename T>
+inline bool any_lane(const Vec<T>& mask) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_movemask_ps(mask) != 0;
+  } else {
+    return _mm256_movemask_pd(mask) != 0;
+  }
+#else
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  Bits bits[Vec<T>::size()];
+  mask.store(bits);
+  Bits any = 0;
+  for (int k = 0; k < Vec<T>::size(); ++k) any |= bits[k];
+  return any != 0;
+#endif
+}
+
+// p * x, with 0 where p == 0 (also when x is NaN or infinite there).
+template <typename T>
+inline Vec<T> safe_mul(const Vec<T>& p, const Vec<T>& x) {
+  const Vec<T> zero(0);
+  return Vec<T>::blendv(p * x, zero, p == zero);
+}
+
+template <typename acc_t, typename scalar_t>
+inline Vec<acc_t> load(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return Vec<acc_t>::loadu(p);
+  } else {
+    Vec<float> out;
+    at::vec::load_to_float(p, out);
+    return out;
+  }
+}
+
+// The last n < Vec::size() elements of a row, padded with `pad`.
+template <typename acc_t, typename scalar_t>
+inline Vec<acc_t> load_tail(const scalar_t* p, int64_t n, acc_t pad) {
+  __at_align__ acc_t buf[Vec<acc_t>::size()];
+  for (int64_t k = 0; k < n; ++k) buf[k] = static_cast<acc_t>(p[k]);
+  for (int64_t k = n; k < Vec<acc_t>::size(); ++k) buf[k] = pad;
+  return Vec<acc_t>::loadu(buf);
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store(scalar_t* p, const Vec<acc_t>& v, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    v.store(p, static_cast<int>(n));
+  } else {
+    at::vec::convert_from_float<scalar_t>(v, v).store(p, static_cast<int>(n));
+  }
+}
+
+// Calls f(s_chunk, t_chunk, offset, count) over a row pair, both chunks multiplied by `scale`; the tail chunk is
+// padded with -inf (zero probability, so it adds nothing to any sum).
+template <typename acc_t, typename scalar_t, typename F>
+inline void for_each_chunk(const scalar_t* s, const scalar_t* t, int64_t V, acc_t scale, F&& f) {
+  constexpr int64_t W = Vec<acc_t>::size();
+  const Vec<acc_t> vscale(scale);
+  int64_t j = 0;
+  for (; j + W <= V; j += W) f(load<acc_t>(s + j) * vscale, load<acc_t>(t + j) * vscale, j, W);
+  if (j < V) {
+    const acc_t pad = -std::numeric_limits<acc_t>::infinity();
+    f(load_tail<acc_t>(s + j, V - j, pad) * vscale, load_tail<acc_t>(t + j, V - j, pad) * vscale, j, V - j);
+  }
+}
+
+// Per-lane online log-sum-exp: running max m, z = sum exp(x - m), and an optional weighted sum a = sum exp(x - m) w
+// rescaled with z. m starts at the lowest finite value (not -inf) so that -inf inputs give exp(-inf) = 0, never
+// exp(-inf - -inf) = NaN.
+template <typename acc_t>
+struct OnlineLse {
+  Vec<acc_t> m = Vec<acc_t>(std::numeric_limits<acc_t>::lowest());
+  Vec<acc_t> z = Vec<acc_t>(0);
+  Vec<acc_t> a = Vec<acc_t>(0);
+
+  // Adds x and returns exp(x - m) under the updated max.
+  template <bool kWeighted>
+  inline Vec<acc_t> add(const Vec<acc_t>& x) {
+    if (any_lane(x > m)) {  // a lane's max moved: rescale (rare once the first chunks have been seen)
+      const Vec<acc_t> m_new = at::vec::maximum(m, x);
+      const Vec<acc_t> r = vexp(m - m_new);
+      z = z * r;
+      if constexpr (kWeighted) a = a * r;
+      m = m_new;
+    }
+    const Vec<acc_t> e = vexp(x - m);
+    z = z + e;
+    return e;
+  }
+
+  // Combines the lanes (in double): max, log-sum-exp and the weighted sum divided by the sum of exp.
+  struct Result {
+    double max, lse, weighted_mean;
+  };
+  Result finish() const {
+    constexpr int W = Vec<acc_t>::size();
+    __at_align__ acc_t bm[W], bz[W], ba[W];
+    m.store(bm);
+    z.store(bz);
+    a.store(ba);
+    double mx = -std::numeric_limits<double>::infinity();
+    for (int k = 0; k < W; ++k) mx = std::max(mx, static_cast<double>(bm[k]));
+    double zz = 0, aa = 0;
+    for (int k = 0; k < W; ++k) {
+      const double r = std::exp(static_cast<double>(bm[k]) - mx);
+      zz += bz[k] * r;
+      aa += ba[k] * r;
+    }
+    return {mx, mx + std::log(zz), aa / zz};
+  }
+};
+
+template <typename scalar_t>
+inline void fill_row(scalar_t* g, int64_t V, float value) {
+  if (value == 0.0f) {
+    std::memset(static_cast<void*>(g), 0, sizeof(scalar_t) * V);  // all-zero bits are +0 in every float type
+  } else {
+    std::fill(g, g + V, static_cast<scalar_t>(value));
+  }
+}
+
+// dL/dps (a) and the loss term of one chunk for the divergences that need a pass for S = sum ps a.
+template <typename acc_t, int64_t kDiv>
+struct ThreePass {
+  Vec<acc_t> beta, one_minus_beta;
+  bool beta_one;  // skew KLs at beta = 1: the mixture is the distribution itself, so L = 0 and dL/dps is constant
+  explicit ThreePass(double b)
+      : beta(static_cast<acc_t>(b)), one_minus_beta(static_cast<acc_t>(1.0 - b)), beta_one(b == 1.0) {}
+
+  inline void eval(const Vec<acc_t>& lps, const Vec<acc_t>& lpt, const Vec<acc_t>& ps, const Vec<acc_t>& pt,
+                   Vec<acc_t>& term, Vec<acc_t>& a) const {
+    const Vec<acc_t> zero(0);
+    if constexpr (kDiv == kJSD) {
+      // m = (1 - beta) ps + beta pt;  L = beta KL(pt || m) + (1 - beta) KL(ps || m);  dL/dps = (1 - beta) log(ps / m)
+      const Vec<acc_t> lm = (one_minus_beta * ps + beta * pt).log();
+      term = beta * safe_mul(pt, lpt - lm) + one_minus_beta * safe_mul(ps, lps - lm);
+      a = one_minus_beta * (lps - lm);
+    } else if constexpr (kDiv == kTVD) {
+      // L = 0.5 sum |ps - pt|;  dL/dps = 0.5 sign(ps - pt) (0 where equal, as torch's abs)
+      const Vec<acc_t> d = ps - pt;
+      const Vec<acc_t> half(0.5);
+      term = half * d.abs();
+      a = Vec<acc_t>::blendv(Vec<acc_t>::blendv(zero, half, d > zero), zero - half, d < zero);
+    } else if ((kDiv == kSkewForwardKL || kDiv == kSkewReverseKL) && beta_one) {
+      term = zero;  // exactly 0, not the rounding error of log(p) - log(p)
+      a = zero;
+    } else if constexpr (kDiv == kSkewForwardKL) {
+      // m = beta pt + (1 - beta) ps;  L = KL(pt || m);  dL/dps = -(1 - beta) pt / m
+      const Vec<acc_t> mix = beta * pt + one_minus_beta * ps;
+      term = safe_mul(pt, lpt - mix.log());
+      a = zero - one_minus_beta * pt / mix;
+    } else {
+      static_assert(kDiv == kSkewReverseKL);
+      // m = beta ps + (1 - beta) pt;  L = KL(ps || m);  dL/dps = log(ps / m) + 1 - beta ps / m (the +1 cancels in
+      // ps (a - S) because sum ps = 1, so it is left out)
+      const Vec<acc_t> mix = beta * ps + one_minus_beta * pt;
+      term = safe_mul(ps, lps - mix.log());
+      a = (lps - mix.log()) - beta * ps / mix;
+    }
+  }
+};
+
+template <typename scalar_t, typename acc_t, int64_t kDiv>
+void distill_row(const DistillRowsArgs& args, const scalar_t* s, const scalar_t* t, scalar_t* g, float* loss) {
+  using V = Vec<acc_t>;
+  const int64_t n_vocab = args.vocab;
+  const acc_t inv_t = static_cast<acc_t>(args.inv_temperature);
+  const V zero(0);
+
+  // pass 1: online log-sum-exp of both rows (+ the KL's weighted sum)
+  OnlineLse<acc_t> os, ot;
+  V bad(0);  // lanes that saw a NaN
+  for_each_chunk<acc_t>(s, t, n_vocab, inv_t, [&](const V& xs, const V& xt, int64_t, int64_t) {
+    bad = bad | (xs != xs) | (xt != xt);
+    if constexpr (kDiv == kForwardKL) {
+      os.template add<false>(xs);
+      const V et = ot.template add<true>(xt);
+      ot.a = ot.a + safe_mul(et, xt - xs);
+    } else if constexpr (kDiv == kReverseKL) {
+      ot.template add<false>(xt);
+      const V es = os.template add<true>(xs);
+      os.a = os.a + safe_mul(es, xs - xt);
+    } else {
+      os.template add<false>(xs);
+      ot.template add<false>(xt);
+    }
+  });
+  const auto rs = os.finish();
+  const auto rt = ot.finish();
+  const double inf = std::numeric_limits<double>::infinity();
+  if (any_lane(bad) || rs.max == inf || rt.max == inf || std::isnan(rs.lse) || std::isnan(rt.lse)) {
+    *loss = std::numeric_limits<float>::quiet_NaN();
+    if (g != nullptr) fill_row(g, n_vocab, std::numeric_limits<float>::quiet_NaN());
+    return;
+  }
+  const V lse_s(static_cast<acc_t>(rs.lse)), lse_t(static_cast<acc_t>(rt.lse));
+  const V grad_c(static_cast<acc_t>(args.loss_scale * args.inv_temperature * args.grad_scale));
+
+  if constexpr (kDiv == kForwardKL || kDiv == kReverseKL) {
+    // KL(pt || ps) = sum pt (t' - s') - lse_t + lse_s (and symmetrically for the reverse KL)
+    const double raw = kDiv == kForwardKL ? rt.weighted_mean - rt.lse + rs.lse : rs.weighted_mean - rs.lse + rt.lse;
+    *loss = static_cast<float>(args.loss_scale * raw);
+    if (g == nullptr) return;
+    const V raw_v(static_cast<acc_t>(raw));
+    // pass 2: forward dL/ds' = ps - pt; reverse dL/ds' = ps (log ps - log pt - L)
+    for_each_chunk<acc_t>(s, t, n_vocab, inv_t, [&](const V& xs, const V& xt, int64_t j, int64_t n) {
+      V grad;
+      if constexpr (kDiv == kForwardKL) {
+        grad = (vexp(xs - lse_s) - vexp(xt - lse_t)) * grad_c;
+      } else {
+        const V lps = xs - lse_s;
+        grad = safe_mul(vexp(lps), lps - (xt - lse_t) - raw_v) * grad_c;
+      }
+      store<scalar_t>(g + j, grad, n);
+    });
+  } else {
+    const ThreePass<acc_t, kDiv> div(args.beta);
+    // pass 2: loss and S = sum ps a
+    V acc_loss(0), acc_pa(0);
+    for_each_chunk<acc_t>(s, t, n_vocab, inv_t, [&](const V& xs, const V& xt, int64_t, int64_t) {
+      const V lps = xs - lse_s, lpt = xt - lse_t;
+      const V ps = vexp(lps);
+      V term, a;
+      div.eval(lps, lpt, ps, vexp(lpt), term, a);
+      acc_loss = acc_loss + term;
+      acc_pa = acc_pa + safe_mul(ps, a);
+    });
+    const double raw = at::vec::vec_reduce_all<acc_t>([](V x, V y) { return x + y; }, acc_loss);
+    *loss = static_cast<float>(args.loss_scale * raw);
+    if (g == nullptr) return;
+    const V sum_pa(at::vec::vec_reduce_all<acc_t>([](V x, V y) { return x + y; }, acc_pa));
+    // pass 3: dL/ds'_j = ps_j (a_j - S)
+    for_each_chunk<acc_t>(s, t, n_vocab, inv_t, [&](const V& xs, const V& xt, int64_t j, int64_t n) {
+      const V lps = xs - lse_s, lpt = xt - lse_t;
+      const V ps = vexp(lps);
+      V term, a;
+      div.eval(lps, lpt, ps, vexp(lpt), term, a);
+      store<scalar_t>(g + j, safe_mul(ps, a - sum_pa) * grad_c, n);
+    });
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void distill_rows_typed(const DistillRowsArgs& args, int64_t begin, int64_t end) {
+  const auto* student = static_cast<const scalar_t*>(args.student);
+  const auto* teacher = static_cast<const scalar_t*>(args.teacher);
+  auto* grad = static_cast<scalar_t*>(args.grad);
+  const int64_t n_vocab = args.vocab;
+  for (int64_t i = begin; i < end; ++i) {
+    // int64 offsets: N * V passes 2^31 for LLM vocabularies (4096 tokens x 128k entries)
+    const scalar_t* s = student + i * args.student_row_stride;
+    const scalar_t* t = teacher + i * args.teacher_row_stride;
+    scalar_t* g = grad != nullptr ? grad + i * n_vocab : nullptr;
+    float* loss = args.loss + i;
+    if ((args.labels != nullptr && args.labels[i] == args.ignore_index) || n_vocab == 0) {
+      *loss = 0.0f;
+      if (g != nullptr) fill_row(g, n_vocab, 0.0f);
+      continue;
+    }
+    switch (args.divergence) {
+      case kForwardKL: distill_row<scalar_t, acc_t, kForwardKL>(args, s, t, g, loss); break;
+      case kReverseKL: distill_row<scalar_t, acc_t, kReverseKL>(args, s, t, g, loss); break;
+      case kJSD: distill_row<scalar_t, acc_t, kJSD>(args, s, t, g, loss); break;
+      case kTVD: distill_row<scalar_t, acc_t, kTVD>(args, s, t, g, loss); break;
+      case kSkewForwardKL: distill_row<scalar_t, acc_t, kSkewForwardKL>(args, s, t, g, loss); break;
+      default: distill_row<scalar_t, acc_t, kSkewReverseKL>(args, s, t, g, loss); break;
+    }
+  }
+}
+
+// kl_div row: sum_j t_j (log t_j - x_j) (0 where t_j == 0) and grad_j = -grad_scale t_j, in one pass.
+template <typename scalar_t, typename acc_t>
+void kl_div_rows_typed(const KlDivRowsArgs& args, int64_t begin, int64_t end) {
+  using V = Vec<acc_t>;
+  constexpr int64_t W = V::size();
+  const auto* input = static_cast<const scalar_t*>(args.input);
+  const auto* target = static_cast<const scalar_t*>(args.target);
+  auto* grad = static_cast<scalar_t*>(args.grad);
+  const int64_t n_vocab = args.vocab;
+  const V neg_scale(static_cast<acc_t>(-args.grad_scale));
+  // padding: target probability 0 (log-probability -inf), which adds nothing
+  const acc_t target_pad = args.log_target ? -std::numeric_limits<acc_t>::infinity() : acc_t(0);
+  for (int64_t i = begin; i < end; ++i) {
+    const scalar_t* x_row = input + i * args.input_row_stride;  // int64 offsets, as above
+    const scalar_t* t_row = target + i * args.target_row_stride;
+    scalar_t* g_row = grad != nullptr ? grad + i * n_vocab : nullptr;
+    V acc(0);
+    auto chunk = [&](const V& x, const V& tv, int64_t j, int64_t n) {
+      const V t = args.log_target ? vexp(tv) : tv;
+      const V log_t = args.log_target ? tv : tv.log();
+      acc = acc + safe_mul(t, log_t - x);
+      if (g_row != nullptr) store<scalar_t>(g_row + j, t * neg_scale, n);
+    };
+    int64_t j = 0;
+    for (; j + W <= n_vocab; j += W) chunk(load<acc_t>(x_row + j), load<acc_t>(t_row + j), j, W);
+    if (j < n_vocab) {
+      chunk(load_tail<acc_t>(x_row + j, n_vocab - j, acc_t(0)), load_tail<acc_t>(t_row + j, n_vocab - j, target_pad),
+            j, n_vocab - j);
+    }
+    args.loss[i] = static_cast<float>(at::vec::vec_reduce_all<acc_t>([](V x, V y) { return x + y; }, acc));
+  }
+}
+
+}  // namespace
+
+void distill_loss_rows_range(const DistillRowsArgs& args, int64_t begin, int64_t end) {
+  switch (args.dtype) {
+    case Dtype::kFloat: distill_rows_typed<float, float>(args, begin, end); break;
+    case Dtype::kDouble: distill_rows_typed<double, double>(args, begin, end); break;
+    case Dtype::kBFloat16: distill_rows_typed<c10::BFloat16, float>(args, begin, end); break;
+    case Dtype::kHalf: distill_rows_typed<c10::Half, float>(args, begin, end); break;
+  }
+}
+
+void kl_div_rows_range(const KlDivRowsArgs& args, int64_t begin, int64_t end) {
+  switch (args.dtype) {
+    case Dtype::kFloat: kl_div_rows_typed<float, float>(args, begin, end); break;
+    case Dtype::kDouble: kl_div_rows_typed<double, double>(args, begin, end); break;
+    case Dtype::kBFloat16: kl_div_rows_typed<c10::BFloat16, float>(args, begin, end); break;
+    case Dtype::kHalf: kl_div_rows_typed<c10::Half, float>(args, begin, end); break;
+  }
+}
+
+}  // namespace fastdistill::cpu::FASTDISTILL_CPU_NS

@@ -1,0 +1,88 @@
+// CPU implementation of fastdistill::distill_loss_rows (contract: fastdistill/ops/distill_loss.py): input checks,
+// outputs, and rows split over threads; the row kernels live in cpu_kernels_impl.h.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <optional>
+#include <tuple>
+
+#include "checks.h"
+#include "cpu_kernels.h"
+
+namespace fastdistill {
+
+cpu::Dtype cpu_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cpu::Dtype::kFloat;
+    case at::kDouble: return cpu::Dtype::kDouble;
+    case at::kBFloat16: return cpu::Dtype::kBFloat16;
+    default: return cpu::Dtype::kHalf;
+  }
+}
+
+// Rows per task: enough work per thread to be worth a fork even for short rows.
+int64_t row_grain(int64_t vocab) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(vocab, 1)); }
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> distill_loss_rows_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                         const std::optional<at::Tensor>& labels,
+                                                         const at::Tensor& grad_scale, int64_t divergence,
+                                                         double beta, double temperature, int64_t ignore_index,
+                                                         double loss_scale, bool need_grad) {
+  FD_CHECK_CPU(student);
+  FD_CHECK_FLOAT(student);
+  FD_CHECK_ROWS(student);
+  FD_CHECK_ROWS(teacher);
+  FD_CHECK_SAME(student, teacher);
+  FD_CHECK_CPU(grad_scale);
+  FD_CHECK_SCALE(grad_scale);
+  const int64_t div = checked_divergence(divergence, beta, temperature);
+  at::Tensor labels_i64;
+  if (labels.has_value()) {
+    FD_CHECK_LABELS(*labels, student);
+    labels_i64 = labels->reshape({-1}).to(at::kLong).contiguous();
+  }
+
+  const int64_t n_rows = student.size(0), vocab = student.size(1);
+  at::Tensor loss = at::empty({n_rows}, student.options().dtype(at::kFloat));
+  at::Tensor grad = need_grad ? at::empty({n_rows, vocab}, student.options()) : at::empty({0}, student.options());
+  if (n_rows == 0) return {loss, grad};
+
+  cpu::DistillRowsArgs args{};
+  args.student = student.data_ptr();
+  args.teacher = teacher.data_ptr();
+  args.student_row_stride = student.stride(0);
+  args.teacher_row_stride = teacher.stride(0);
+  args.labels = labels.has_value() ? labels_i64.data_ptr<int64_t>() : nullptr;
+  args.ignore_index = ignore_index;
+  args.grad = need_grad ? grad.data_ptr() : nullptr;
+  args.loss = loss.data_ptr<float>();
+  args.vocab = vocab;
+  args.divergence = div;
+  args.beta = beta;
+  args.inv_temperature = 1.0 / temperature;
+  args.loss_scale = loss_scale;
+  args.grad_scale = grad_scale.item<double>();  // a CPU scalar: no device sync
+  args.dtype = cpu_dtype(student.scalar_type());
+
+  const bool avx2 = std::strcmp(cpu::active_capability(), "avx2") == 0;
+  at::parallel_for(0, n_rows, row_grain(vocab), [&](int64_t begin, int64_t end) {
+    if (avx2) {
+      cpu::cpu_avx2::distill_loss_rows_range(args, begin, end);
+    } else {
+      cpu::cpu_default::distill_loss_rows_range(args, begin, end);
+    }
+  });
+  return {loss, grad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdistill, CPU, m) { m.impl("distill_loss_rows", &distill_loss_rows_cpu); }
+
+}  // namespace fastdistill
