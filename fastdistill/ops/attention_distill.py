@@ -24,6 +24,8 @@ backward only scales it by grad_output (always: q / k are input-sized, so it is 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from fastdistill import _backend
@@ -32,6 +34,8 @@ REDUCTIONS = ("batchmean", "sum", "none")
 REDUCTION_ID = {name: i for i, name in enumerate(REDUCTIONS)}
 # elements of one [rows, L] score block of the torch path (a few such fp32 blocks live at once: ~8 MiB each)
 TORCH_BLOCK_ELEMENTS = 1 << 21
+# CPU: split the batch-heads over torch.get_num_threads() Python threads running single-threaded ops (see _tiled_torch)
+TORCH_CPU_THREADS = True
 
 
 def resolve_backend(device: torch.device, backend: str | None = None) -> str:
@@ -52,64 +56,97 @@ def valid_rows(attention_mask: torch.Tensor | None, causal: bool, B: int, L: int
     return keep & keep.any(-1, keepdim=True)
 
 
+def _log_softmax_(x: torch.Tensor) -> torch.Tensor:
+    """In place: scores ``x`` [..., L] (-inf on hidden keys) become log-probabilities; returns the probabilities (0 on
+    hidden keys; all 0 on rows with no key). One exp per element, unlike logsumexp followed by exp."""
+    m = x.amax(-1, keepdim=True)
+    m = torch.where(m == float("-inf"), 0.0, m)  # rows with no key: shift by 0 (no -inf - -inf)
+    p = x.sub_(m).exp()
+    total = p.sum(-1, keepdim=True)
+    total = torch.where(total == 0, 1.0, total)
+    x.sub_(total.log())
+    return p.div_(total)
+
+
+def _cpu_workers(device: torch.device, n_heads: int) -> int:
+    if device.type != "cpu" or not TORCH_CPU_THREADS:
+        return 1
+    return max(1, min(torch.get_num_threads(), n_heads))
+
+
 def _tiled_torch(sq, sk, tq, tk, attention_mask, causal, ss, st, row_weight, need_rows=True):
     """Torch backend of the contract. ``row_weight`` [B, H, L] (None: no gradient). Returns (rows, dq, dk)."""
     B, H, L, Ds = sq.shape
     cdt = compute_dtype(sq.dtype)
     N = B * H
-    sq_, sk_ = sq.reshape(N, L, Ds).to(cdt), sk.reshape(N, L, Ds).to(cdt)
-    tq_, tk_ = tq.reshape(N, L, -1).to(cdt), tk.reshape(N, L, -1).to(cdt)
+    # scales folded into the queries once ([N, L, D]) instead of into every [rows, L] score block
+    sq_, sk_ = sq.reshape(N, L, Ds).to(cdt) * ss, sk.reshape(N, L, Ds).to(cdt)
+    tq_, tk_ = tq.reshape(N, L, -1).to(cdt) * st, tk.reshape(N, L, -1).to(cdt)
     key_keep = None if attention_mask is None else attention_mask.bool().repeat_interleave(H, 0)  # [N, L]
     rows_ok = valid_rows(attention_mask, causal, B, L, sq.device).repeat_interleave(H, 0)  # [N, L]
     rows = torch.zeros(N, L, dtype=cdt, device=sq.device)
     need_grad = row_weight is not None
     if need_grad:
-        w = (row_weight.reshape(N, L).to(cdt) * rows_ok) * ss
+        w = row_weight.reshape(N, L).to(cdt) * rows_ok
         dq = torch.zeros(N, L, Ds, dtype=cdt, device=sq.device)
         dk = torch.zeros(N, L, Ds, dtype=cdt, device=sq.device)
-    # all batch-heads at once with as many query rows as fit the budget; at long L, >= 16 rows and fewer heads
-    q_block = min(L, max(16, TORCH_BLOCK_ELEMENTS // max(N * L, 1)))
-    n_block = max(1, min(N, TORCH_BLOCK_ELEMENTS // (q_block * L)))
     cols = torch.arange(L, device=sq.device)
-    for n0 in range(0, N, n_block):
-        n1 = min(N, n0 + n_block)
-        for i0 in range(0, L, q_block):
-            i1 = min(L, i0 + q_block)
-            # keys each row may see: padding [n, 1, L] and causal [1, rows, L]
-            keep = None
-            if key_keep is not None:
-                keep = key_keep[n0:n1, None, :]
-            if causal:
-                c = (cols[None, :] <= torch.arange(i0, i1, device=sq.device)[:, None])[None]
-                keep = c if keep is None else keep & c
-            if keep is not None:
-                keep = keep.expand(n1 - n0, i1 - i0, L)
-            log_ps = torch.bmm(sq_[n0:n1, i0:i1], sk_[n0:n1].transpose(1, 2)).mul_(ss)  # [n, rows, L]
-            log_pt = torch.bmm(tq_[n0:n1, i0:i1], tk_[n0:n1].transpose(1, 2)).mul_(st)
-            if keep is not None:
-                log_ps.masked_fill_(~keep, float("-inf"))
-                log_pt.masked_fill_(~keep, float("-inf"))
-            ok = rows_ok[n0:n1, i0:i1, None]
-            # rows with no key have lse = -inf; subtract 0 there instead (their terms are masked out below)
-            log_ps.sub_(torch.where(ok, log_ps.logsumexp(-1, keepdim=True), 0.0))
-            log_pt.sub_(torch.where(ok, log_pt.logsumexp(-1, keepdim=True), 0.0))
-            p_t = log_pt.exp()
-            if need_rows:
-                terms = (log_pt - log_ps).mul_(p_t)
+
+    def run(h0: int, h1: int, budget: int) -> None:
+        """Batch-heads [h0, h1): as many heads and query rows per block as fit ``budget`` (>= 16 rows)."""
+        nh = h1 - h0
+        q_block = min(L, max(16, budget // max(nh * L, 1)))
+        n_block = max(1, min(nh, budget // (q_block * L)))
+        for n0 in range(h0, h1, n_block):
+            n1 = min(h1, n0 + n_block)
+            for i0 in range(0, L, q_block):
+                i1 = min(L, i0 + q_block)
+                # keys each row may see: padding [n, 1, L] and causal [1, rows, L]
+                keep = None
+                if key_keep is not None:
+                    keep = key_keep[n0:n1, None, :]
+                if causal:
+                    c = (cols[None, :] <= torch.arange(i0, i1, device=sq.device)[:, None])[None]
+                    keep = c if keep is None else keep & c
                 if keep is not None:
-                    terms.masked_fill_(~keep, 0.0)
-                rows[n0:n1, i0:i1] = terms.sum(-1)
-                del terms
-            if need_grad:
-                d_s = log_ps.exp_().sub_(p_t).mul_(w[n0:n1, i0:i1, None])  # (P_s - P_t) w scale_s, [n, rows, L]
+                    keep = keep.expand(n1 - n0, i1 - i0, L)
+                s_blk = torch.bmm(sq_[n0:n1, i0:i1], sk_[n0:n1].transpose(1, 2))  # scores S_s, [n, rows, L]
+                t_blk = torch.bmm(tq_[n0:n1, i0:i1], tk_[n0:n1].transpose(1, 2))  # scores S_t, [n, rows, L]
                 if keep is not None:
-                    d_s.masked_fill_(~keep, 0.0)
-                dq[n0:n1, i0:i1] = torch.bmm(d_s, sk_[n0:n1])
-                dk[n0:n1] += torch.bmm(d_s.transpose(1, 2), sq_[n0:n1, i0:i1])
-            del log_ps, log_pt, p_t
+                    s_blk.masked_fill_(~keep, float("-inf"))
+                    t_blk.masked_fill_(~keep, float("-inf"))
+                p_t = _log_softmax_(t_blk)  # t_blk is now log P_t
+                p_s = _log_softmax_(s_blk)  # s_blk is now log P_s
+                if need_rows:
+                    diff = t_blk.sub_(s_blk)  # log P_t - log P_s (NaN on hidden keys: -inf - -inf)
+                    if keep is not None:
+                        diff.masked_fill_(~keep, 0.0)
+                    rows[n0:n1, i0:i1] = diff.mul_(p_t).sum(-1)
+                if need_grad:
+                    d_s = p_s.sub_(p_t)  # P_s - P_t, exactly 0 on hidden keys; the row weights go on the thin sides
+                    w_blk = w[n0:n1, i0:i1, None]  # [n, rows, 1]
+                    dq[n0:n1, i0:i1] = torch.bmm(d_s, sk_[n0:n1]).mul_(w_blk)  # times scale_s below
+                    dk[n0:n1].baddbmm_(d_s.transpose(1, 2), sq_[n0:n1, i0:i1] * w_blk)  # sq_ carries scale_s already
+                del s_blk, t_blk, p_s, p_t
+
+    workers = _cpu_workers(sq.device, N)
+    if workers == 1:
+        run(0, N, TORCH_BLOCK_ELEMENTS)
+    else:
+        # one thread per slice of batch-heads, each running single-threaded torch ops: a block's ops are many
+        # short parallel regions, whose barriers dominate when cores are shared; disjoint heads -> no races on dk
+        bounds = [N * i // workers for i in range(workers + 1)]
+
+        def job(i: int) -> None:
+            torch.set_num_threads(1)  # this worker thread only (OpenMP thread-local setting)
+            run(bounds[i], bounds[i + 1], TORCH_BLOCK_ELEMENTS // workers)
+
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(job, range(workers)))
     rows = rows * rows_ok
     if not need_grad:
         return rows.reshape(B, H, L), sq.new_empty(0), sk.new_empty(0)
+    dq.mul_(ss)
     return rows.reshape(B, H, L), dq.reshape(B, H, L, Ds).to(sq.dtype), dk.reshape(B, H, L, Ds).to(sk.dtype)
 
 
