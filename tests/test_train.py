@@ -196,3 +196,25 @@ def test_single_process_demo_config_with_tiny_model(teacher_dir, tmp_path):
     assert summary["teacher_ppl"] > 0
     student = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "student"))
     assert student.config.num_hidden_layers == 2
+
+
+def test_every_loss_with_a_narrower_student_single_process(teacher_dir, tmp_path):
+    """logit KD + CE + hint (learned projection, the widths differ) + attention + affinity, student ZeRO-3."""
+    out = str(tmp_path / "losses")
+    student = ("{model_type: llama, vocab_size: 256, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+               "num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 128}")
+    losses_ = ("[{type: logit_kd, temperature: 2.0}, {type: hard_ce, weight: 0.5}, "
+               "{type: hint, weight: 0.1, layer_map: {0: 1, 1: 3}}, {type: attention, weight: 0.1, layer_map: {1: 3}}, "
+               "{type: affinity, weight: 0.1, layer_map: {1: 3}}]")
+    cmd = [sys.executable, "-m", "fastdistill.train", "--config", TINY, f"run.output_dir={out}",
+           f"teacher.model={teacher_dir}", "teacher.config=null", "student.init_from_teacher=null",
+           f"student.config={student}", "student.deepspeed.stage=3", f"losses={losses_}", "schedule.max_steps=3",
+           "schedule.save_every=0", "logging.progress_bar=false"]
+    check(subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=TIMEOUT))
+    with open(os.path.join(out, "metrics.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    assert len(rows) == 3
+    for key in ("train/kd", "train/ce", "train/hint", "train/attention", "train/affinity"):
+        assert all(float(r[key]) >= 0 and float(r[key]) == float(r[key]) for r in rows), key
+    exported = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "student"))
+    assert exported.config.hidden_size == 32

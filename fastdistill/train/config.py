@@ -101,14 +101,14 @@ SCHEMA: dict[str, Any] = {
 LOSS_SCHEMA = {
     "logit_kd": {"weight": _float, "divergence": _str, "beta": _float, "temperature": _float},
     "hard_ce": {"weight": _float},
-    "hint": {"weight": _float, "layer_map": (dict,), "normalize": _bool},
-    "attention": {"weight": _float, "layer_map": (dict,), "temperature": _float},
+    "hint": {"weight": _float, "layer_map": (dict,), "kind": _str},
+    "attention": {"weight": _float, "layer_map": (dict,), "relation_heads": _opt(_int)},
     "affinity": {"weight": _float, "layer_map": (dict,)},
 }
 LOSS_DEFAULTS = {
     "logit_kd": {"divergence": "forward_kl", "beta": 0.5, "temperature": 1.0},
-    "hint": {"normalize": False},
-    "attention": {"temperature": 1.0},
+    "hint": {"kind": "mse"},  # mse | cosine; a learned projection when the widths differ (FitNets)
+    "attention": {"relation_heads": None},  # None: per-head attention maps (MiniLM); R: MiniLMv2 relations
 }
 
 
@@ -191,6 +191,8 @@ def _check_losses(losses: list) -> list:
                 raise ConfigError(f"{key}.beta: got {resolved['beta']}; expected a number in [0, 1]")
             if resolved["temperature"] <= 0:
                 raise ConfigError(f"{key}.temperature: got {resolved['temperature']}; expected a number > 0")
+        if item["type"] == "hint":
+            _choice(f"{key}.kind", resolved["kind"], ("mse", "cosine"))
         if "layer_map" in schema:
             if "layer_map" not in item:
                 raise ConfigError(f"{key}: a {item['type']} loss needs 'layer_map' {{student_layer: teacher_layer}}")

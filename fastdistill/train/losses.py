@@ -39,17 +39,14 @@ class DistillLoss(nn.Module):
         self.hint = by_type.get("hint")
         self.attention = by_type.get("attention")
         self.affinity = by_type.get("affinity")
-        for name, item, fn in (("attention", self.attention, "attention_distill_loss"),
-                               ("affinity", self.affinity, "affinity_distill_loss")):
-            if item is not None and not hasattr(FD, fn):
-                raise NotImplementedError(f"losses: {name!r} needs fastdistill.functional.{fn}, which this "
-                                          "installation does not have yet; remove that loss from the config")
         self.hint_proj = nn.ModuleDict()
         if self.hint is not None and student_hidden_size != teacher_hidden_size:
             # a learned projection student -> teacher width per mapped layer (FitNets), trained with the student
             for s in self.hint["layer_map"]:
                 self.hint_proj[str(s)] = nn.Linear(student_hidden_size, teacher_hidden_size, bias=False)
         self.needs_hidden_states = any(x is not None for x in (self.hint, self.affinity))
+        # attention KD: decoder layers whose q / k are captured (student layer -> teacher layer)
+        self.attention_layers = dict(self.attention["layer_map"]) if self.attention else {}
 
     # -- lm-head terms --------------------------------------------------------------------------------------------
     def _lm_head_fused(self, hs, ws, ht, wt, labels):
@@ -60,22 +57,6 @@ class DistillLoss(nn.Module):
             ignore_index=IGNORE_INDEX, reduction="batchmean", return_parts=True,
         )
         return loss, {"kd": kd, "ce": ce}
-
-    def _lm_head_chunked(self, hs, ws, ht, wt, labels, chunk: int = 1024):
-        """Interim path while ``fused_linear_distill_loss`` is not in this installation: logits chunk by chunk into
-        the fused ``distill_loss`` (autograd still keeps each chunk's student logits for backward)."""
-        n_valid = (labels != IGNORE_INDEX).sum().clamp(min=1)
-        kd_sum = ce_sum = hs.new_zeros(())
-        for i in range(0, hs.shape[0], chunk):
-            s_logits, y = hs[i : i + chunk] @ ws.t(), labels[i : i + chunk]
-            with torch.no_grad():
-                t_logits = ht[i : i + chunk] @ wt.t()
-            kd_sum = kd_sum + FD.distill_loss(s_logits, t_logits, y, divergence=self.kd["divergence"],
-                                              beta=self.kd["beta"], temperature=self.kd["temperature"],
-                                              ignore_index=IGNORE_INDEX, reduction="sum")
-            ce_sum = ce_sum + F.cross_entropy(s_logits.float(), y, ignore_index=IGNORE_INDEX, reduction="sum")
-        kd, ce = kd_sum / n_valid, ce_sum / n_valid
-        return self.soft_weight * kd + self.hard_weight * ce, {"kd": kd, "ce": ce}
 
     def _lm_head_unfused(self, hs, ws, ht, wt, labels):
         s_logits = hs @ ws.t()  # [N, V]: exactly what the fused path avoids
@@ -89,41 +70,34 @@ class DistillLoss(nn.Module):
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                 student_states=None, teacher_states=None):
         hs, ht, labels_flat = _flat(student_hidden), _flat(teacher_hidden), labels.reshape(-1)
-        if self.impl == "fused" and not hasattr(FD, "fused_linear_distill_loss"):
-            loss, parts = self._lm_head_chunked(hs, student_weight, ht, teacher_weight, labels_flat)
-        elif self.impl == "fused":
+        if self.impl == "fused":
             loss, parts = self._lm_head_fused(hs, student_weight, ht, teacher_weight, labels_flat)
         else:
             loss, parts = self._lm_head_unfused(hs, student_weight, ht, teacher_weight, labels_flat)
-        valid = (labels != IGNORE_INDEX).unsqueeze(-1)
+        # positions that count: valid labels for hint (per token); whole real rows for the sequence-level maps
+        token_mask = labels != IGNORE_INDEX
+        row_mask = token_mask.any(-1, keepdim=True).expand_as(token_mask)
         if self.hint is not None:
-            hint = self._hint(student_states, teacher_states, valid)
-            loss = loss + self.hint["weight"] * hint
-            parts["hint"] = hint
+            terms = [FD.hint_loss(student_states["hidden"][s + 1], teacher_states["hidden"][t + 1],
+                                  projection=self.hint_proj[str(s)] if str(s) in self.hint_proj else None,
+                                  kind=self.hint["kind"], mask=token_mask)
+                     for s, t in self.hint["layer_map"].items()]
+            parts["hint"] = torch.stack(terms).mean()
+            loss = loss + self.hint["weight"] * parts["hint"]
         if self.affinity is not None:
-            terms = [FD.affinity_distill_loss(student_states[s + 1], teacher_states[t + 1])
+            terms = [FD.affinity_distill_loss(student_states["hidden"][s + 1], teacher_states["hidden"][t + 1],
+                                              mask=row_mask)
                      for s, t in self.affinity["layer_map"].items()]
-            aff = torch.stack(terms).mean()
-            loss = loss + self.affinity["weight"] * aff
-            parts["affinity"] = aff
+            parts["affinity"] = torch.stack(terms).mean()
+            loss = loss + self.affinity["weight"] * parts["affinity"]
+        if self.attention is not None:
+            terms = [FD.attention_distill_loss(student_states["q"][s], student_states["k"][s], teacher_states["q"][t],
+                                               teacher_states["k"][t], attention_mask=row_mask, causal=True,
+                                               relation_heads=self.attention["relation_heads"])
+                     for s, t in self.attention["layer_map"].items()]
+            parts["attention"] = torch.stack(terms).mean()
+            loss = loss + self.attention["weight"] * parts["attention"]
         return loss, {k: v.detach().float() for k, v in parts.items()}
-
-    def _hint(self, student_states, teacher_states, valid):
-        """Mean squared error between mapped layer outputs (decoder layer i -> ``hidden_states[i + 1]``), over valid
-        tokens; a learned projection when the widths differ."""
-        terms = []
-        for s, t in self.hint["layer_map"].items():
-            hs, ht = student_states[s + 1], teacher_states[t + 1]
-            if str(s) in self.hint_proj:
-                hs = self.hint_proj[str(s)](hs)
-            if self.hint["normalize"]:
-                hs, ht = F.layer_norm(hs, hs.shape[-1:]), F.layer_norm(ht, ht.shape[-1:])
-            if hasattr(FD, "hint_loss") and not self.hint_proj:
-                terms.append(FD.hint_loss(hs * valid, ht * valid))
-            else:
-                sq = ((hs - ht) ** 2 * valid).sum()
-                terms.append(sq / (valid.sum().clamp(min=1) * hs.shape[-1]))
-        return torch.stack(terms).mean()
 
     # -- evaluation -----------------------------------------------------------------------------------------------
     @staticmethod

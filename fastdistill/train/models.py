@@ -9,7 +9,6 @@ the base model (``model.model``) to its final (normed) hidden states, and the lo
 from __future__ import annotations
 
 import contextlib
-import glob
 import importlib.util
 import os
 import re
@@ -182,9 +181,23 @@ class TeacherHidden(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, output_hidden_states: bool = False):
-        out = self.model.model(input_ids=input_ids, output_hidden_states=output_hidden_states, use_cache=False)
-        return out.last_hidden_state, (out.hidden_states if output_hidden_states else None)
+    def forward(self, input_ids: torch.Tensor, output_hidden_states: bool = False, attention_layers=()):
+        """(final hidden states [B, T, H], None or {"hidden": per-layer states, "q"/"k": captured per layer})."""
+        out, cap = _forward_with_capture(self.model, input_ids, output_hidden_states, attention_layers)
+        if not output_hidden_states and not attention_layers:
+            return out.last_hidden_state, None
+        return out.last_hidden_state, {"hidden": out.hidden_states, "q": cap.q if cap else {}, "k": cap.k if cap else {}}
+
+
+def _forward_with_capture(model, input_ids, output_hidden_states: bool, attention_layers):
+    """The base model's forward; with ``attention_layers``, q / k of those decoder layers captured by hooks."""
+    if not attention_layers:
+        return model.model(input_ids=input_ids, output_hidden_states=output_hidden_states, use_cache=False), None
+    from fastdistill.capture import AttentionCapture
+
+    with AttentionCapture(model, layers=sorted(set(attention_layers))) as cap:
+        out = model.model(input_ids=input_ids, output_hidden_states=output_hidden_states, use_cache=False)
+    return out, cap
 
 
 class StudentWithLoss(nn.Module):
@@ -195,21 +208,28 @@ class StudentWithLoss(nn.Module):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn  # an nn.Module (holds the hint projections, if any)
+        self._teacher_head: tuple = ()  # the teacher's lm_head weight, held outside the module tree (see set_teacher)
+
+    def set_teacher_head(self, weight: nn.Parameter) -> None:
+        """The teacher lm_head weight the loss reads. Not passed through the engine's forward: ZeRO-3 wraps tensor
+        inputs, and the wrapper would hide that this one is a partitioned parameter to gather."""
+        self._teacher_head = (weight,)
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.get_output_embeddings().weight
 
-    def forward(self, input_ids, labels, teacher_hidden=None, teacher_weight=None, teacher_states=None):
-        need_states = self.loss_fn.needs_hidden_states and teacher_hidden is not None
-        out = self.model.model(input_ids=input_ids, output_hidden_states=need_states, use_cache=False)
+    def forward(self, input_ids, labels, teacher_hidden=None, teacher_states=None):
+        train = teacher_hidden is not None
+        need_states = self.loss_fn.needs_hidden_states and train
+        layers = list(self.loss_fn.attention_layers) if train else []
+        out, cap = _forward_with_capture(self.model, input_ids, need_states, layers)
         hidden = out.last_hidden_state
+        states = {"hidden": out.hidden_states, "q": cap.q if cap else {}, "k": cap.k if cap else {}}
         if teacher_hidden is None:  # evaluation: summed token NLL and token count
             return self.loss_fn.nll(hidden, self.lm_head_weight(), labels)
         # a ZeRO-3 teacher's lm_head weight is all-gathered only for the loss, and released right after
+        (teacher_weight,) = self._teacher_head
         with gathered([teacher_weight]):
             return self.loss_fn(hidden, self.lm_head_weight(), teacher_hidden, teacher_weight, labels,
-                                out.hidden_states if need_states else None, teacher_states)
+                                states, teacher_states)
 
-
-def find_checkpoint_files(folder: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(folder, "*.safetensors")))

@@ -363,8 +363,10 @@ def run(cfg: dict) -> dict:
 
     torch.manual_seed(seed + 1)
     student = build_student(cfg, teacher_model, make_loss)
+    student.module.set_teacher_head(teacher_weight)
     loss_fn: DistillLoss = student.module.loss_fn
     needs_states = loss_fn.needs_hidden_states
+    teacher_attention_layers = sorted(set(loss_fn.attention_layers.values()))
 
     # -- resume --------------------------------------------------------------------------------------------------
     start_step = 0
@@ -403,7 +405,7 @@ def run(cfg: dict) -> dict:
                dynamic_ncols=True, desc="distill")
     tokens_per_step = sds["micro_batch_size"] * cfg["data"]["seq_len"] * world * ga
     step = start_step
-    step_rates: list[float] = []
+    step_seconds: list[float] = []
     t_train = time.time()
     while step < sched["max_steps"]:
         t_step = time.time()
@@ -413,9 +415,10 @@ def run(cfg: dict) -> dict:
             input_ids, labels = sampler.batch(step * ga + a)
             t0 = time.perf_counter()
             with torch.no_grad():
-                t_hidden, t_states = teacher(input_ids, output_hidden_states=needs_states)
+                t_hidden, t_states = teacher(input_ids, output_hidden_states=needs_states,
+                                             attention_layers=teacher_attention_layers)
             t1 = time.perf_counter()
-            loss, parts = student(input_ids, labels, t_hidden, teacher_weight, t_states)
+            loss, parts = student(input_ids, labels, t_hidden, t_states)
             del t_hidden, t_states  # the teacher's activations are not needed for backward
             student.backward(loss)
             student.step()
@@ -431,7 +434,7 @@ def run(cfg: dict) -> dict:
         vals /= world
         row = {f"train/{k}": float(v) for k, v in zip(sorted(sums), vals)}
         elapsed = time.time() - t_step
-        step_rates.append(tokens_per_step / elapsed)
+        step_seconds.append(elapsed)
         row.update({"train/lr": float(student.get_lr()[0]), "perf/tokens_per_s": tokens_per_step / elapsed,
                     "perf/teacher_s": t_teacher, "perf/student_s": t_student})
         if metrics and step % sched["log_every"] == 0:
@@ -460,9 +463,9 @@ def run(cfg: dict) -> dict:
 
     rss = [None] * world  # peak resident memory of every rank (ru_maxrss is in KiB on Linux)
     dist.all_gather_object(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    steady = step_rates[1:] or step_rates  # the first step pays one-time costs
+    steady = step_seconds[1:] or step_seconds  # the first step pays one-time costs
     summary.update(student_ppl_after=s_ppl, steps=step, train_seconds=train_s, peak_rss_mib_per_rank=rss,
-                   tokens_per_s=sum(steady) / max(len(steady), 1), teacher_param_bytes_per_rank=all_mem)
+                   tokens_per_s=tokens_per_step * len(steady) / max(sum(steady), 1e-9), teacher_param_bytes_per_rank=all_mem)
     if metrics:
         metrics.log(step, {"eval/student_ppl": s_ppl})
     if step > start_step or not os.path.isfile(os.path.join(out_dir, CHECKPOINTS, "latest")):
