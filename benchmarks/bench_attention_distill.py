@@ -8,6 +8,8 @@ Providers: ``torch`` is the materialized eager loss a user writes (q k^T, log_so
 [B, H, L, L]; the baseline, from the same maths as fastdistill.ops.attention_distill_ref); ``torch.compile`` of it
 (``--compile``, default on the GPU preset); ``fastdistill-torch`` the tiled torch backend (the CPU path);
 ``fastdistill-triton`` the flash-style Triton kernels (CUDA only: the interpreter is a correctness tool).
+On CPU the peak memory of ``fastdistill-torch`` is measured on its serial variant: the profiler sees only the calling
+thread's allocations, and the timed path splits the same block budget over worker threads.
 Modes: ``forward`` (loss; fastdistill computes the gradient here too when q / k require grad, as in training) and
 ``full`` (forward + backward). Rows go to benchmarks/results/attention_distill.csv and a plot next to it.
 """
@@ -26,6 +28,7 @@ import _common as C  # noqa: E402
 
 import fastdistill.functional as FD  # noqa: E402
 from fastdistill import _backend  # noqa: E402
+from fastdistill.ops import attention_distill as _att  # noqa: E402
 
 PRESETS = {
     "smoke": dict(B=1, H=2, Ls=[256], D=32, dtypes=["float32"], modes=["full"], repeats=2, compile=False, causal=False),
@@ -100,6 +103,18 @@ def run(preset: str, *, providers_filter=None, repeats=None, use_compile=None, c
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
                         continue
+                    if name == "fastdistill-torch" and device.type == "cpu" and _att.TORCH_CPU_THREADS:
+                        # the profiler records allocations of the calling thread only, so the CPU path's worker
+                        # threads would go unseen: take the peak from its serial variant, which allocates the same
+                        # block budget in one thread (the workers split it: budget / workers each)
+                        _att.TORCH_CPU_THREADS = False
+                        try:
+                            if setup is not None:
+                                setup()
+                            row.peak_mib = C.peak_memory_bytes(run_fn, device) / 2**20
+                        finally:
+                            _att.TORCH_CPU_THREADS = True
+                        row.extra = (row.extra + " peak=serial path").strip()
                     rows.append(row)
                     del sq, sk
     C.print_table(rows, baseline="torch")

@@ -15,7 +15,8 @@ Backends:
             O(B H L). CUDA, or CPU under TRITON_INTERPRET=1.
     torch   tiled torch: blocks of query rows (and of batch-heads) whose full key rows fit an element budget; each
             block's [rows, L] scores give the exact row log-sum-exp, the loss and the gradient. Extra memory
-            O(block x L), never [L, L] per head.
+            O(block x L), never [L, L] per head. On CPU the batch-heads are split over torch.get_num_threads()
+            Python threads that each run single-threaded ops (``TORCH_CPU_THREADS``).
 
 For ``sum`` / ``batchmean`` the gradient is computed inside the forward pass (the scores are already there) and
 backward only scales it by grad_output (always: q / k are input-sized, so it is cheap and needs no sync); for
