@@ -25,6 +25,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "cpu_kernels.h"
 
@@ -284,6 +285,133 @@ void distill_row(const DistillRowsArgs& args, const scalar_t* s, const scalar_t*
   }
 }
 
+// Forward KL with the gradient, exps computed once: the row is cut into blocks that fit in L1; each block is swept
+// for its max (no exp), then for exp(s' - block max) and exp(t' - block max), which are kept (in the gradient row
+// when it is float32, else in a per-thread scratch row; both stay in L2) while the block sums are merged into the
+// row's running sums. Pass 2 turns the kept values into ps - pt with two multiplies per element and no exp.
+constexpr int64_t kBlock = 2048;  // elements: 8 KiB of float32 per row and block, so both blocks sit in L1
+
+template <typename acc_t>
+inline acc_t reduce_max(const Vec<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>([](Vec<acc_t> x, Vec<acc_t> y) { return at::vec::maximum(x, y); }, v);
+}
+
+template <typename acc_t>
+inline acc_t reduce_sum(const Vec<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>([](Vec<acc_t> x, Vec<acc_t> y) { return x + y; }, v);
+}
+
+template <typename acc_t>
+struct ScratchRows {
+  std::vector<acc_t> values;
+  std::vector<acc_t> block_max;
+};
+
+template <typename acc_t>
+ScratchRows<acc_t>& thread_scratch() {
+  thread_local ScratchRows<acc_t> scratch;  // grows to the largest row seen by this thread, reused across calls
+  return scratch;
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_kl_row_cached(const DistillRowsArgs& args, const scalar_t* s, const scalar_t* t, scalar_t* g,
+                           float* loss) {
+  using V = Vec<acc_t>;
+  constexpr int64_t W = V::size();
+  const int64_t n_vocab = args.vocab;
+  const int64_t n_blocks = (n_vocab + kBlock - 1) / kBlock;
+  const V inv_t(static_cast<acc_t>(args.inv_temperature));
+  const acc_t lowest = std::numeric_limits<acc_t>::lowest();
+  const acc_t pad = -std::numeric_limits<acc_t>::infinity();
+  constexpr bool kGradIsAcc = std::is_same_v<scalar_t, acc_t>;
+
+  ScratchRows<acc_t>& scratch = thread_scratch<acc_t>();
+  const size_t need = static_cast<size_t>(kGradIsAcc ? n_vocab : 2 * n_vocab);
+  if (scratch.values.size() < need) scratch.values.resize(need);
+  if (scratch.block_max.size() < static_cast<size_t>(2 * n_blocks)) scratch.block_max.resize(2 * n_blocks);
+  acc_t* exp_s;  // [V] exp(s' - block max of s')
+  acc_t* exp_t;  // [V] exp(t' - block max of t')
+  if constexpr (kGradIsAcc) {
+    exp_s = g;
+    exp_t = scratch.values.data();
+  } else {
+    exp_s = scratch.values.data();
+    exp_t = scratch.values.data() + n_vocab;
+  }
+  acc_t* block_max = scratch.block_max.data();  // [2, n_blocks]: s' then t'
+
+  // pass 1, block by block: max sweep, then exp sweep; the block sums are merged into running (max, sum) in double
+  double ms = lowest, zs = 0, mt = lowest, zt = 0, a = 0;
+  V bad(0);
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const int64_t j0 = b * kBlock, j1 = std::min(n_vocab, j0 + kBlock);
+    auto load_pair = [&](int64_t j, V& xs, V& xt) {
+      if (j + W <= j1) {
+        xs = load<acc_t>(s + j) * inv_t;
+        xt = load<acc_t>(t + j) * inv_t;
+      } else {
+        xs = load_tail<acc_t>(s + j, j1 - j, pad) * inv_t;
+        xt = load_tail<acc_t>(t + j, j1 - j, pad) * inv_t;
+      }
+    };
+    V vmax_s(lowest), vmax_t(lowest);
+    for (int64_t j = j0; j < j1; j += W) {
+      V xs, xt;
+      load_pair(j, xs, xt);
+      bad = bad | (xs != xs) | (xt != xt);
+      vmax_s = at::vec::maximum(vmax_s, xs);
+      vmax_t = at::vec::maximum(vmax_t, xt);
+    }
+    const acc_t bms = reduce_max(vmax_s), bmt = reduce_max(vmax_t);
+    block_max[b] = bms;
+    block_max[n_blocks + b] = bmt;
+    const V vbms(bms), vbmt(bmt);
+    V vzs(0), vzt(0), va(0);
+    for (int64_t j = j0; j < j1; j += W) {
+      V xs, xt;
+      load_pair(j, xs, xt);
+      const V es = vexp(xs - vbms), et = vexp(xt - vbmt);
+      const int64_t n = std::min<int64_t>(W, j1 - j);
+      es.store(exp_s + j, static_cast<int>(n));
+      et.store(exp_t + j, static_cast<int>(n));
+      vzs = vzs + es;
+      vzt = vzt + et;
+      va = va + safe_mul(et, xt - xs);
+    }
+    const double ms_new = std::max(ms, static_cast<double>(bms));
+    zs = zs * std::exp(ms - ms_new) + reduce_sum(vzs) * std::exp(bms - ms_new);
+    ms = ms_new;
+    const double mt_new = std::max(mt, static_cast<double>(bmt));
+    const double r_old = std::exp(mt - mt_new), r_block = std::exp(bmt - mt_new);
+    zt = zt * r_old + reduce_sum(vzt) * r_block;
+    a = a * r_old + reduce_sum(va) * r_block;
+    mt = mt_new;
+  }
+  const double lse_s = ms + std::log(zs), lse_t = mt + std::log(zt);
+  const double inf = std::numeric_limits<double>::infinity();
+  if (any_lane(bad) || ms == inf || mt == inf || std::isnan(lse_s) || std::isnan(lse_t)) {
+    *loss = std::numeric_limits<float>::quiet_NaN();
+    fill_row(g, n_vocab, std::numeric_limits<float>::quiet_NaN());
+    return;
+  }
+  // KL(pt || ps) = sum pt (t' - s') - lse_t + lse_s
+  *loss = static_cast<float>(args.loss_scale * (a / zt - lse_t + lse_s));
+
+  // pass 2: grad = (exp_s * exp(bms - lse_s) - exp_t * exp(bmt - lse_t)) * loss_scale / T * grad_scale
+  const double c = args.loss_scale * args.inv_temperature * args.grad_scale;
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const int64_t j0 = b * kBlock, j1 = std::min(n_vocab, j0 + kBlock);
+    const V cs(static_cast<acc_t>(std::exp(block_max[b] - lse_s) * c));
+    const V ct(static_cast<acc_t>(std::exp(block_max[n_blocks + b] - lse_t) * c));
+    for (int64_t j = j0; j < j1; j += W) {
+      const int64_t n = std::min<int64_t>(W, j1 - j);
+      const V es = n == W ? V::loadu(exp_s + j) : V::loadu(exp_s + j, static_cast<int>(n));
+      const V et = n == W ? V::loadu(exp_t + j) : V::loadu(exp_t + j, static_cast<int>(n));
+      store<scalar_t>(g + j, es * cs - et * ct, n);
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void distill_rows_typed(const DistillRowsArgs& args, int64_t begin, int64_t end) {
   const auto* student = static_cast<const scalar_t*>(args.student);
@@ -302,7 +430,13 @@ void distill_rows_typed(const DistillRowsArgs& args, int64_t begin, int64_t end)
       continue;
     }
     switch (args.divergence) {
-      case kForwardKL: distill_row<scalar_t, acc_t, kForwardKL>(args, s, t, g, loss); break;
+      case kForwardKL:
+        if (g != nullptr) {
+          forward_kl_row_cached<scalar_t, acc_t>(args, s, t, g, loss);
+        } else {
+          distill_row<scalar_t, acc_t, kForwardKL>(args, s, t, g, loss);
+        }
+        break;
       case kReverseKL: distill_row<scalar_t, acc_t, kReverseKL>(args, s, t, g, loss); break;
       case kJSD: distill_row<scalar_t, acc_t, kJSD>(args, s, t, g, loss); break;
       case kTVD: distill_row<scalar_t, acc_t, kTVD>(args, s, t, g, loss); break;

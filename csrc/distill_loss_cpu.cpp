@@ -6,12 +6,17 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <optional>
 #include <tuple>
 
 #include "checks.h"
 #include "cpu_kernels.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace fastdistill {
 
@@ -26,6 +31,23 @@ cpu::Dtype cpu_dtype(at::ScalarType t) {
 
 // Rows per task: enough work per thread to be worth a fork even for short rows.
 int64_t row_grain(int64_t vocab) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(vocab, 1)); }
+
+// Asks Linux to back a large, freshly allocated output with transparent huge pages (THP in "madvise" mode, the
+// common default). The kernels write every byte of the gradient once, and first-touch faults on 4 KiB pages cost
+// about as much as the kernel itself for [4096, 32000] float32 (measured: 150 ms of page faults to fill 0.5 GB on a
+// 2-core VM); 2 MiB pages cut that several-fold. Best effort: errors (THP off, not mmap-backed) are ignored.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const size_t bytes = t.nbytes();
+  if (bytes < 4 * kHuge) return;
+  const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t begin = (start + kHuge - 1) & ~(kHuge - 1), end = (start + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
 
 namespace {
 
@@ -52,6 +74,7 @@ std::tuple<at::Tensor, at::Tensor> distill_loss_rows_cpu(const at::Tensor& stude
   at::Tensor loss = at::empty({n_rows}, student.options().dtype(at::kFloat));
   at::Tensor grad = need_grad ? at::empty({n_rows, vocab}, student.options()) : at::empty({0}, student.options());
   if (n_rows == 0) return {loss, grad};
+  if (need_grad) advise_huge_pages(grad);
 
   cpu::DistillRowsArgs args{};
   args.student = student.data_ptr();

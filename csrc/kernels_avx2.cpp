@@ -23,6 +23,7 @@
 #include <limits>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")

@@ -15,6 +15,7 @@ namespace fastdistill {
 
 cpu::Dtype cpu_dtype(at::ScalarType t);  // distill_loss_cpu.cpp
 int64_t row_grain(int64_t vocab);
+void advise_huge_pages(const at::Tensor& t);
 
 namespace {
 
@@ -32,6 +33,7 @@ std::tuple<at::Tensor, at::Tensor> kl_div_rows_cpu(const at::Tensor& input, cons
   at::Tensor loss = at::empty({n_rows}, input.options().dtype(at::kFloat));
   at::Tensor grad = need_grad ? at::empty({n_rows, vocab}, input.options()) : at::empty({0}, input.options());
   if (n_rows == 0) return {loss, grad};
+  if (need_grad) advise_huge_pages(grad);
 
   cpu::KlDivRowsArgs args{};
   args.input = input.data_ptr();

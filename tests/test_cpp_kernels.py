@@ -169,7 +169,8 @@ def test_need_grad_false_returns_empty_grad(capability):
         rows_ng, grad_ng = rows_op(s, t, divergence=divergence, need_grad=False)
         rows, _ = rows_op(s, t, divergence=divergence, need_grad=True)
         assert grad_ng.numel() == 0
-        torch.testing.assert_close(rows_ng, rows, rtol=0, atol=0)
+        # forward KL with a gradient keeps its exps (a blocked pass 1): the same value up to float32 rounding
+        torch.testing.assert_close(rows_ng, rows, rtol=2e-6, atol=1e-6)
 
 
 def test_row_strided_inputs(capability):
