@@ -114,7 +114,9 @@ def topk_grad_kernel(
     a = tl.load(p_a + i_row)
     lse_t = tl.load(p_lse_t + i_row)
     lse_1 = tl.load(p_lse_1 + i_row)
-    label = tl.load(p_label + i_row) if HAS_CE else -1
+    label = -1
+    if HAS_CE:
+        label = tl.load(p_label + i_row)
     for v0 in range(0, V, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
         m_v = o_v < V

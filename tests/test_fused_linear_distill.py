@@ -318,3 +318,13 @@ def test_benchmark_smoke(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "fastdistill" in out.stdout
+
+
+@pytest.mark.parametrize("mode", ["dense", "topk_bucket"])
+def test_vocabulary_over_65536(mode):
+    p = _problem(N=5, Hs=8, Ht=8, Vs=70001, Vt=70001, k=6, bias=False, ignore_every=3, seed=31)
+    teacher = _teacher(p, mode, 1.3)
+    kw = dict(temperature=1.3, hard_weight=0.5, divergence="jsd")
+    want = _run(fused_linear_distill_loss_ref, p, teacher, **kw)
+    got = _run(FD.fused_linear_distill_loss, p, teacher, **kw)
+    _close(got, want)
