@@ -28,10 +28,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny_llama_zero3.yaml")
 DEMO = os.path.join(REPO, "configs", "demo_smollm2.yaml")
 BIN = os.path.dirname(sys.executable)
-DEEPSPEED = os.path.join(BIN, "deepspeed") if os.path.exists(os.path.join(BIN, "deepspeed")) else shutil.which("deepspeed")
+DEEPSPEED = (
+    os.path.join(BIN, "deepspeed") if os.path.exists(os.path.join(BIN, "deepspeed")) else shutil.which("deepspeed")
+)
 TIMEOUT = 420
 
-pytestmark = [pytest.mark.cpu_only, pytest.mark.skipif(DEEPSPEED is None, reason="deepspeed launcher not found")]
+pytestmark = [
+    pytest.mark.cpu_only,
+    pytest.mark.slow,
+    pytest.mark.skipif(DEEPSPEED is None, reason="deepspeed launcher not found"),
+]
 
 
 def free_port() -> int:
@@ -41,24 +47,59 @@ def free_port() -> int:
 
 
 def run_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                        "CUDA_VISIBLE_DEVICES", "TRITON_INTERPRET")}
-    env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DS_BUILD_OPS="0",
-               OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "RANK",
+            "LOCAL_RANK",
+            "WORLD_SIZE",
+            "LOCAL_SIZE",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+            "CUDA_VISIBLE_DEVICES",
+            "TRITON_INTERPRET",
+        )
+    }
+    env.update(
+        DS_ACCELERATOR="cpu",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        DS_BUILD_OPS="0",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
+    )
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torch_extensions"))
     env.update(extra)
     return env
 
 
 def check(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    )
 
 
 def launch(out: str, teacher: str, *overrides: str, nproc: int = 2, env: dict | None = None):
-    cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "--module", "fastdistill.train", "--config", TINY, f"run.output_dir={out}", f"teacher.model={teacher}",
-           "teacher.config=null", "logging.progress_bar=false", *overrides]
+    cmd = [
+        DEEPSPEED,
+        "--num_gpus",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "fastdistill.train",
+        "--config",
+        TINY,
+        f"run.output_dir={out}",
+        f"teacher.model={teacher}",
+        "teacher.config=null",
+        "logging.progress_bar=false",
+        *overrides,
+    ]
     return subprocess.run(cmd, cwd=REPO, env=run_env(**(env or {})), capture_output=True, text=True, timeout=TIMEOUT)
 
 
@@ -74,7 +115,9 @@ def teacher_dir(tmp_path_factory) -> str:
 
     cfg = dict(yaml.safe_load(open(TINY))["teacher"]["config"])
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    )
     folder = str(tmp_path_factory.mktemp("teacher"))
     model.save_pretrained(folder, safe_serialization=True)
     return folder
@@ -162,12 +205,29 @@ def test_two_node_launch_simulated_on_one_machine(zero3_run, teacher_dir, tmp_pa
     out, port = str(tmp_path / "twonode"), free_port()
     procs = []
     for node_rank in (0, 1):
-        cmd = [DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank), "--master_addr",
-               "127.0.0.1", "--master_port", str(port), "--module", "fastdistill.train", "--config", TINY,
-               f"run.output_dir={out}", f"teacher.model={teacher_dir}", "teacher.config=null",
-               "logging.progress_bar=false"]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+        cmd = [
+            DEEPSPEED,
+            "--hostfile",
+            str(hostfile),
+            "--no_ssh",
+            "--node_rank",
+            str(node_rank),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            "--module",
+            "fastdistill.train",
+            "--config",
+            TINY,
+            f"run.output_dir={out}",
+            f"teacher.model={teacher_dir}",
+            "teacher.config=null",
+            "logging.progress_bar=false",
+        ]
+        procs.append(
+            subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
     results = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=TIMEOUT)
@@ -183,10 +243,23 @@ def test_two_node_launch_simulated_on_one_machine(zero3_run, teacher_dir, tmp_pa
 def test_single_process_demo_config_with_tiny_model(teacher_dir, tmp_path):
     """The shipped demo config, end to end in one process without the launcher, with the tiny teacher swapped in."""
     out = str(tmp_path / "demo")
-    cmd = [sys.executable, "-m", "fastdistill.cli", "train", "--config", DEMO, f"run.output_dir={out}",
-           f"teacher.model={teacher_dir}", "data.tokenizer=bytes", "student.init_from_teacher.layers=[0, 3]",
-           "data.seq_len=32", "data.max_train_sequences=16", "data.max_heldout_sequences=8", "schedule.max_steps=3",
-           "logging.progress_bar=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fastdistill.cli",
+        "train",
+        "--config",
+        DEMO,
+        f"run.output_dir={out}",
+        f"teacher.model={teacher_dir}",
+        "data.tokenizer=bytes",
+        "student.init_from_teacher.layers=[0, 3]",
+        "data.seq_len=32",
+        "data.max_train_sequences=16",
+        "data.max_heldout_sequences=8",
+        "schedule.max_steps=3",
+        "logging.progress_bar=false",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=TIMEOUT)
     check(proc)
     assert "held-out perplexity: student" in proc.stdout
@@ -201,15 +274,32 @@ def test_single_process_demo_config_with_tiny_model(teacher_dir, tmp_path):
 def test_every_loss_with_a_narrower_student_single_process(teacher_dir, tmp_path):
     """logit KD + CE + hint (learned projection, the widths differ) + attention + affinity, student ZeRO-3."""
     out = str(tmp_path / "losses")
-    student = ("{model_type: llama, vocab_size: 256, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
-               "num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 128}")
-    losses_ = ("[{type: logit_kd, temperature: 2.0}, {type: hard_ce, weight: 0.5}, "
-               "{type: hint, weight: 0.1, layer_map: {0: 1, 1: 3}}, {type: attention, weight: 0.1, layer_map: {1: 3}}, "
-               "{type: affinity, weight: 0.1, layer_map: {1: 3}}]")
-    cmd = [sys.executable, "-m", "fastdistill.train", "--config", TINY, f"run.output_dir={out}",
-           f"teacher.model={teacher_dir}", "teacher.config=null", "student.init_from_teacher=null",
-           f"student.config={student}", "student.deepspeed.stage=3", f"losses={losses_}", "schedule.max_steps=3",
-           "schedule.save_every=0", "logging.progress_bar=false"]
+    student = (
+        "{model_type: llama, vocab_size: 256, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+        "num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 128}"
+    )
+    losses_ = (
+        "[{type: logit_kd, temperature: 2.0}, {type: hard_ce, weight: 0.5}, "
+        "{type: hint, weight: 0.1, layer_map: {0: 1, 1: 3}}, {type: attention, weight: 0.1, layer_map: {1: 3}}, "
+        "{type: affinity, weight: 0.1, layer_map: {1: 3}}]"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "fastdistill.train",
+        "--config",
+        TINY,
+        f"run.output_dir={out}",
+        f"teacher.model={teacher_dir}",
+        "teacher.config=null",
+        "student.init_from_teacher=null",
+        f"student.config={student}",
+        "student.deepspeed.stage=3",
+        f"losses={losses_}",
+        "schedule.max_steps=3",
+        "schedule.save_every=0",
+        "logging.progress_bar=false",
+    ]
     check(subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=TIMEOUT))
     with open(os.path.join(out, "metrics.csv")) as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/loss")]

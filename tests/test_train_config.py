@@ -38,8 +38,9 @@ def test_defaults_are_filled():
     cfg = validate(minimal())
     assert cfg["student"]["deepspeed"]["stage"] == 2
     assert cfg["teacher"]["deepspeed"]["stage"] == 3
-    assert cfg["losses"] == [{"type": "logit_kd", "weight": 1.0, "divergence": "forward_kl", "beta": 0.5,
-                              "temperature": 1.0}]
+    assert cfg["losses"] == [
+        {"type": "logit_kd", "weight": 1.0, "divergence": "forward_kl", "beta": 0.5, "temperature": 1.0}
+    ]
 
 
 def _set(cfg: dict, dotted: str, value) -> dict:
@@ -60,11 +61,18 @@ CASES = [
     ("missing_teacher", lambda c: c.pop("teacher") and c, ["teacher", "exactly one", "teacher.model"]),
     ("two_students", lambda c: _set(c, "student.model", "x"), ["student", "exactly one"]),
     ("missing_output", lambda c: c["run"].pop("output_dir") and c, ["missing required key", "run.output_dir"]),
-    ("teacher_zero2", lambda c: _set(c, "teacher.deepspeed.stage", 2), ["teacher.deepspeed.stage", "got 2", "optimizer"]),
+    (
+        "teacher_zero2",
+        lambda c: _set(c, "teacher.deepspeed.stage", 2),
+        ["teacher.deepspeed.stage", "got 2", "optimizer"],
+    ),
     ("teacher_zero1", lambda c: _set(c, "teacher.deepspeed.stage", 1), ["teacher.deepspeed.stage", "got 1"]),
     ("student_zero5", lambda c: _set(c, "student.deepspeed.stage", 5), ["student.deepspeed.stage", "got 5"]),
-    ("offload_stage0", lambda c: _set(_set(c, "teacher.deepspeed.stage", 0), "teacher.deepspeed.offload_param", "cpu"),
-     ["offload_param", "stage 3"]),
+    (
+        "offload_stage0",
+        lambda c: _set(_set(c, "teacher.deepspeed.stage", 0), "teacher.deepspeed.offload_param", "cpu"),
+        ["offload_param", "stage 3"],
+    ),
     ("loss_type", lambda c: _set(c, "losses", [{"type": "mse_logits"}]), ["losses[0].type", "mse_logits"]),
     ("loss_key", lambda c: _set(c, "losses", [{"type": "logit_kd", "temp": 2}]), ["losses[0].temp", "logit_kd"]),
     ("divergence", lambda c: _set(c, "losses", [{"type": "logit_kd", "divergence": "kl"}]), ["divergence", "'kl'"]),
@@ -102,8 +110,14 @@ def test_cli_reports_one_line_and_exit_code_2(tmp_path, capsys):
 def test_overrides_parse_yaml_values(tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(minimal()))
-    cfg = load_config(str(path), ["schedule.max_steps=7", "student.init_from_teacher.layers=[0, 2]",
-                                  "student.deepspeed.optimizer.params.lr=1.0e-2"])
+    cfg = load_config(
+        str(path),
+        [
+            "schedule.max_steps=7",
+            "student.init_from_teacher.layers=[0, 2]",
+            "student.deepspeed.optimizer.params.lr=1.0e-2",
+        ],
+    )
     assert cfg["schedule"]["max_steps"] == 7
     assert cfg["student"]["init_from_teacher"]["layers"] == [0, 2]
     assert cfg["student"]["deepspeed"]["optimizer"]["params"]["lr"] == 1e-2

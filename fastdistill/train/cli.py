@@ -21,8 +21,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="the run's YAML file (see configs/)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="override config keys, values parsed as YAML (e.g. schedule.max_steps=20)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="override config keys, values parsed as YAML (e.g. schedule.max_steps=20)",
+    )
     return p.parse_args(argv)
 
 

@@ -59,8 +59,8 @@ SCHEMA: dict[str, Any] = {
         "seed": (_int, 0),
         "resume": (_str, "auto"),  # auto (latest checkpoint in output_dir if any) | never | a checkpoint folder
         "loss_impl": (_str, "fused"),  # fused (no [tokens x vocab] logits) | unfused (materialized torch losses)
-        "threads": (_opt(_int), None),
-        "keep_checkpoints": (_int, 2),  # newest checkpoints kept in output_dir/checkpoints (0: all)  # torch.set_num_threads per rank (None: torch's default / launcher's)
+        "threads": (_opt(_int), None),  # torch.set_num_threads per rank (None: torch's default / launcher's)
+        "keep_checkpoints": (_int, 2),  # newest checkpoints kept in output_dir/checkpoints (0: all)
     },
     "teacher": {
         "model": (_opt(_str), None),  # builtin name, a Hugging Face folder, or a .gguf file
@@ -113,8 +113,15 @@ LOSS_DEFAULTS = {
 
 
 def _typename(types: tuple) -> str:
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true/false", dict: "a mapping",
-             list: "a list", type(None): "null"}
+    names = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true/false",
+        dict: "a mapping",
+        list: "a list",
+        type(None): "null",
+    }
     return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
 
 
@@ -180,7 +187,9 @@ def _check_losses(losses: list) -> list:
             if k == "type":
                 continue
             if k not in schema:
-                raise ConfigError(f"unknown key '{key}.{k}' for a {item['type']} loss; expected one of {sorted(schema)}")
+                raise ConfigError(
+                    f"unknown key '{key}.{k}' for a {item['type']} loss; expected one of {sorted(schema)}"
+                )
             _check_type(f"{key}.{k}", v, schema[k])
             resolved[k] = v
         if resolved["weight"] < 0:
@@ -199,8 +208,9 @@ def _check_losses(losses: list) -> list:
             lm = {}
             for s, t in item["layer_map"].items():
                 if not (isinstance(s, int) and isinstance(t, int)) or isinstance(s, bool) or isinstance(t, bool):
-                    raise ConfigError(f"{key}.layer_map: expected integer pairs student_layer: teacher_layer, "
-                                      f"got {s!r}: {t!r}")
+                    raise ConfigError(
+                        f"{key}.layer_map: expected integer pairs student_layer: teacher_layer, got {s!r}: {t!r}"
+                    )
                 lm[s] = t
             resolved["layer_map"] = lm
         out.append(resolved)
@@ -221,12 +231,16 @@ def validate(cfg: dict) -> dict:
     _choice("run.loss_impl", run["loss_impl"], ("fused", "unfused"))
     given = [k for k in ("model", "config") if teacher[k] is not None]
     if len(given) != 1:
-        raise ConfigError("teacher: expected exactly one of 'teacher.model' (builtin name, folder or .gguf file) or "
-                          f"'teacher.config' (a transformers config), got {given or 'neither'}")
+        raise ConfigError(
+            "teacher: expected exactly one of 'teacher.model' (builtin name, folder or .gguf file) or "
+            f"'teacher.config' (a transformers config), got {given or 'neither'}"
+        )
     given = [k for k in ("model", "config", "init_from_teacher") if student[k] is not None]
     if len(given) != 1:
-        raise ConfigError("student: expected exactly one of 'student.model', 'student.config' or "
-                          f"'student.init_from_teacher', got {given or 'neither'}")
+        raise ConfigError(
+            "student: expected exactly one of 'student.model', 'student.config' or "
+            f"'student.init_from_teacher', got {given or 'neither'}"
+        )
     for who in ("teacher", "student"):
         _choice(f"{who}.dtype", out[who]["dtype"], ("float32", "bfloat16"))
         cfg_ = out[who]["config"]
@@ -235,10 +249,15 @@ def validate(cfg: dict) -> dict:
     ift = student["init_from_teacher"]
     if ift is not None:
         layers = ift.get("layers")
-        if set(ift) != {"layers"} or not isinstance(layers, list) or not layers or not all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers
+        if (
+            set(ift) != {"layers"}
+            or not isinstance(layers, list)
+            or not layers
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)
         ):
-            raise ConfigError(f"student.init_from_teacher: expected {{layers: [non-negative layer indices]}}, got {ift!r}")
+            raise ConfigError(
+                f"student.init_from_teacher: expected {{layers: [non-negative layer indices]}}, got {ift!r}"
+            )
         if sorted(set(layers)) != layers:
             raise ConfigError(f"student.init_from_teacher.layers: got {layers}; expected strictly increasing indices")
     tds, sds = teacher["deepspeed"], student["deepspeed"]
@@ -259,7 +278,9 @@ def validate(cfg: dict) -> dict:
         if sds[key] < 1:
             raise ConfigError(f"student.deepspeed.{key}: got {sds[key]}; expected an integer >= 1")
     if "type" not in sds["optimizer"]:
-        raise ConfigError(f"student.deepspeed.optimizer: expected {{type: ..., params: {{...}}}}, got {sds['optimizer']!r}")
+        raise ConfigError(
+            f"student.deepspeed.optimizer: expected {{type: ..., params: {{...}}}}, got {sds['optimizer']!r}"
+        )
     if data["seq_len"] < 2:
         raise ConfigError(f"data.seq_len: got {data['seq_len']}; expected an integer >= 2")
     if not 0.0 < data["heldout_fraction"] < 1.0:
@@ -267,11 +288,14 @@ def validate(cfg: dict) -> dict:
     if data["source"] != "pydoc_topics" and not os.path.isfile(data["source"]):
         raise ConfigError(f"data.source: got {data['source']!r}; expected 'pydoc_topics' or an existing text file")
     if data["tokenizer"] == "teacher" and teacher["model"] is None:
-        raise ConfigError("data.tokenizer: 'teacher' needs 'teacher.model' (a teacher from 'teacher.config' has no "
-                          "tokenizer); set data.tokenizer to 'bytes', a builtin name or a tokenizer folder")
+        raise ConfigError(
+            "data.tokenizer: 'teacher' needs 'teacher.model' (a teacher from 'teacher.config' has no "
+            "tokenizer); set data.tokenizer to 'bytes', a builtin name or a tokenizer folder"
+        )
     for key in ("max_steps", "eval_every", "save_every", "log_every"):
-        if sched[key] < 0 or (key in ("max_steps", "log_every") and sched[key] < 1):
-            raise ConfigError(f"schedule.{key}: got {sched[key]}; expected an integer >= {1 if key in ('max_steps', 'log_every') else 0}")
+        least = 1 if key in ("max_steps", "log_every") else 0
+        if sched[key] < least:
+            raise ConfigError(f"schedule.{key}: got {sched[key]}; expected an integer >= {least}")
     return out
 
 

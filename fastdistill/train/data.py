@@ -43,8 +43,11 @@ def pack(docs: list[str], tokenizer, seq_len: int) -> torch.Tensor:
     eos = getattr(tokenizer, "eos_token_id", None)
     ids: list[int] = []
     for doc in docs:
-        ids.extend(tokenizer.encode(doc) if isinstance(tokenizer, ByteTokenizer) else
-                   tokenizer(doc, add_special_tokens=False)["input_ids"])
+        ids.extend(
+            tokenizer.encode(doc)
+            if isinstance(tokenizer, ByteTokenizer)
+            else tokenizer(doc, add_special_tokens=False)["input_ids"]
+        )
         if eos is not None:
             ids.append(eos)
     n = len(ids) // seq_len
@@ -59,8 +62,10 @@ def split(sequences: torch.Tensor, heldout_fraction: float, max_train: int | Non
     if max_heldout is not None:
         held = held[:max_heldout]
     if len(train) == 0:
-        raise ValueError(f"data: no training sequences left ({len(sequences)} packed sequences in all); "
-                         "lower data.seq_len or data.heldout_fraction")
+        raise ValueError(
+            f"data: no training sequences left ({len(sequences)} packed sequences in all); "
+            "lower data.seq_len or data.heldout_fraction"
+        )
     return train, held
 
 
@@ -74,8 +79,15 @@ def labels_for(input_ids: torch.Tensor) -> torch.Tensor:
 class Sampler:
     """Rows of micro step ``k`` for ``rank``: a pure function of (seed, k), identical on every run."""
 
-    def __init__(self, sequences: torch.Tensor, micro_batch_size: int, rank: int, world_size: int, seed: int,
-                 shuffle: bool = True):
+    def __init__(
+        self,
+        sequences: torch.Tensor,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle: bool = True,
+    ):
         self.sequences, self.mb, self.rank, self.world, self.seed = sequences, micro_batch_size, rank, world_size, seed
         self.shuffle = shuffle
         self.global_batch = micro_batch_size * world_size

@@ -51,10 +51,19 @@ class DistillLoss(nn.Module):
     # -- lm-head terms --------------------------------------------------------------------------------------------
     def _lm_head_fused(self, hs, ws, ht, wt, labels):
         loss, ce, kd = FD.fused_linear_distill_loss(
-            hs, ws, ht, wt, labels,
-            divergence=self.kd["divergence"], beta=self.kd["beta"], temperature=self.kd["temperature"],
-            hard_weight=self.hard_weight, soft_weight=self.soft_weight,
-            ignore_index=IGNORE_INDEX, reduction="batchmean", return_parts=True,
+            hs,
+            ws,
+            ht,
+            wt,
+            labels,
+            divergence=self.kd["divergence"],
+            beta=self.kd["beta"],
+            temperature=self.kd["temperature"],
+            hard_weight=self.hard_weight,
+            soft_weight=self.soft_weight,
+            ignore_index=IGNORE_INDEX,
+            reduction="batchmean",
+            return_parts=True,
         )
         return loss, {"kd": kd, "ce": ce}
 
@@ -62,13 +71,28 @@ class DistillLoss(nn.Module):
         s_logits = hs @ ws.t()  # [N, V]: exactly what the fused path avoids
         with torch.no_grad():
             t_logits = ht @ wt.t()
-        kd = reference.distill_loss(s_logits, t_logits, labels, divergence=self.kd["divergence"], beta=self.kd["beta"],
-                                    temperature=self.kd["temperature"], ignore_index=IGNORE_INDEX)
+        kd = reference.distill_loss(
+            s_logits,
+            t_logits,
+            labels,
+            divergence=self.kd["divergence"],
+            beta=self.kd["beta"],
+            temperature=self.kd["temperature"],
+            ignore_index=IGNORE_INDEX,
+        )
         ce = F.cross_entropy(s_logits.float(), labels, ignore_index=IGNORE_INDEX)
         return self.soft_weight * kd + self.hard_weight * ce, {"kd": kd, "ce": ce}
 
-    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-                student_states=None, teacher_states=None):
+    def forward(
+        self,
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        labels,
+        student_states=None,
+        teacher_states=None,
+    ):
         hs, ht, labels_flat = _flat(student_hidden), _flat(teacher_hidden), labels.reshape(-1)
         if self.impl == "fused":
             loss, parts = self._lm_head_fused(hs, student_weight, ht, teacher_weight, labels_flat)
@@ -78,23 +102,40 @@ class DistillLoss(nn.Module):
         token_mask = labels != IGNORE_INDEX
         row_mask = token_mask.any(-1, keepdim=True).expand_as(token_mask)
         if self.hint is not None:
-            terms = [FD.hint_loss(student_states["hidden"][s + 1], teacher_states["hidden"][t + 1],
-                                  projection=self.hint_proj[str(s)] if str(s) in self.hint_proj else None,
-                                  kind=self.hint["kind"], mask=token_mask)
-                     for s, t in self.hint["layer_map"].items()]
+            terms = [
+                FD.hint_loss(
+                    student_states["hidden"][s + 1],
+                    teacher_states["hidden"][t + 1],
+                    projection=self.hint_proj[str(s)] if str(s) in self.hint_proj else None,
+                    kind=self.hint["kind"],
+                    mask=token_mask,
+                )
+                for s, t in self.hint["layer_map"].items()
+            ]
             parts["hint"] = torch.stack(terms).mean()
             loss = loss + self.hint["weight"] * parts["hint"]
         if self.affinity is not None:
-            terms = [FD.affinity_distill_loss(student_states["hidden"][s + 1], teacher_states["hidden"][t + 1],
-                                              mask=row_mask)
-                     for s, t in self.affinity["layer_map"].items()]
+            terms = [
+                FD.affinity_distill_loss(
+                    student_states["hidden"][s + 1], teacher_states["hidden"][t + 1], mask=row_mask
+                )
+                for s, t in self.affinity["layer_map"].items()
+            ]
             parts["affinity"] = torch.stack(terms).mean()
             loss = loss + self.affinity["weight"] * parts["affinity"]
         if self.attention is not None:
-            terms = [FD.attention_distill_loss(student_states["q"][s], student_states["k"][s], teacher_states["q"][t],
-                                               teacher_states["k"][t], attention_mask=row_mask, causal=True,
-                                               relation_heads=self.attention["relation_heads"])
-                     for s, t in self.attention["layer_map"].items()]
+            terms = [
+                FD.attention_distill_loss(
+                    student_states["q"][s],
+                    student_states["k"][s],
+                    teacher_states["q"][t],
+                    teacher_states["k"][t],
+                    attention_mask=row_mask,
+                    causal=True,
+                    relation_heads=self.attention["relation_heads"],
+                )
+                for s, t in self.attention["layer_map"].items()
+            ]
             parts["attention"] = torch.stack(terms).mean()
             loss = loss + self.attention["weight"] * parts["attention"]
         return loss, {k: v.detach().float() for k, v in parts.items()}

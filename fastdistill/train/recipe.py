@@ -41,8 +41,9 @@ def init_distributed() -> tuple[int, int]:
         with socket.socket() as s:  # a free loopback port for the one-process group
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -150,9 +151,11 @@ def build_student(cfg: dict, teacher_model, loss_fn_factory):
         model.get_output_embeddings().weight.requires_grad_(False)
     wrapper = models.StudentWithLoss(model, loss_fn_factory(model.config.hidden_size))
     wrapper.train()
-    engine, *_ = deepspeed.initialize(model=wrapper, model_parameters=[p for p in wrapper.parameters()
-                                                                        if p.requires_grad],
-                                      config=student_ds_config(cfg))
+    engine, *_ = deepspeed.initialize(
+        model=wrapper,
+        model_parameters=[p for p in wrapper.parameters() if p.requires_grad],
+        config=student_ds_config(cfg),
+    )
     if s["deepspeed"]["stage"] == 3:
         # the loss reads the lm_head weight directly (not through lm_head.forward): ZeRO-3 must gather it for the
         # wrapper's forward and backward
@@ -164,8 +167,12 @@ def build_student(cfg: dict, teacher_model, loss_fn_factory):
 # state: RNG, checkpoints, metrics
 # ---------------------------------------------------------------------------------------------------------------
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -188,8 +195,12 @@ def save_checkpoint(engine, cfg: dict, step: int, rank: int, keep: int) -> str:
     torch.save(rng_state(), os.path.join(folder, f"rng_rank{rank}.pt"))
     if rank == 0:
         dump_config(cfg, os.path.join(folder, "config.yaml"))
-    state = {"step": step, "micro_step": step * cfg["student"]["deepspeed"]["gradient_accumulation_steps"],
-             "world_size": dist.get_world_size(), "config": cfg}
+    state = {
+        "step": step,
+        "micro_step": step * cfg["student"]["deepspeed"]["gradient_accumulation_steps"],
+        "world_size": dist.get_world_size(),
+        "config": cfg,
+    }
     engine.save_checkpoint(root, tag=tag, client_state={"fastdistill": state})
     dist.barrier()
     if rank == 0 and keep > 0:
@@ -224,8 +235,11 @@ def load_checkpoint(engine, where: str, rank: int, world_size: int) -> int:
     if state["world_size"] == world_size and os.path.isfile(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=False))
     elif rank == 0:
-        print(f"fastdistill: resuming on {world_size} ranks from a {state['world_size']}-rank checkpoint; "
-              "RNG state not restored", flush=True)
+        print(
+            f"fastdistill: resuming on {world_size} ranks from a {state['world_size']}-rank checkpoint; "
+            "RNG state not restored",
+            flush=True,
+        )
     return int(state["step"])
 
 
@@ -319,8 +333,7 @@ def run(cfg: dict) -> dict:
 
     # -- models and tokenizer: rank 0 converts a GGUF teacher once into the cache, the others wait ----------------
     t = cfg["teacher"]
-    for name, gguf in ((t["model"], t["gguf_file"]),
-                       (cfg["data"]["tokenizer"], None)):
+    for name, gguf in ((t["model"], t["gguf_file"]), (cfg["data"]["tokenizer"], None)):
         if name and name not in ("teacher", "bytes") and (name in models.BUILTIN or name.endswith(".gguf") or gguf):
             if rank == 0:
                 models.resolve_model_path(name, gguf)
@@ -330,15 +343,22 @@ def run(cfg: dict) -> dict:
     # -- data ----------------------------------------------------------------------------------------------------
     seed = cfg["run"]["seed"]
     sequences = data_lib.pack(data_lib.load_text(cfg["data"]["source"]), tokenizer, cfg["data"]["seq_len"])
-    train_seqs, held_seqs = data_lib.split(sequences, cfg["data"]["heldout_fraction"],
-                                           cfg["data"]["max_train_sequences"], cfg["data"]["max_heldout_sequences"])
+    train_seqs, held_seqs = data_lib.split(
+        sequences,
+        cfg["data"]["heldout_fraction"],
+        cfg["data"]["max_train_sequences"],
+        cfg["data"]["max_heldout_sequences"],
+    )
     sampler = data_lib.Sampler(train_seqs, sds["micro_batch_size"], rank, world, seed)
     held = data_lib.Sampler(held_seqs, sds["micro_batch_size"], rank, world, seed, shuffle=False)
-    n_eval = held.batches_per_epoch if sched["eval_batches"] is None else min(sched["eval_batches"],
-                                                                              held.batches_per_epoch)
+    n_eval = (
+        held.batches_per_epoch if sched["eval_batches"] is None else min(sched["eval_batches"], held.batches_per_epoch)
+    )
     eval_batches = [held.batch(k) for k in range(n_eval)]
-    say(f"data: {len(train_seqs)} train / {len(held_seqs)} held-out sequences of {cfg['data']['seq_len']} tokens; "
-        f"world size {world}")
+    say(
+        f"data: {len(train_seqs)} train / {len(held_seqs)} held-out sequences of {cfg['data']['seq_len']} tokens; "
+        f"world size {world}"
+    )
 
     # -- teacher (sharded, frozen) then student (its own engine) ---------------------------------------------------
     torch.manual_seed(seed)
@@ -350,13 +370,16 @@ def run(cfg: dict) -> dict:
     if rank == 0:
         with open(os.path.join(out_dir, "teacher_memory.json"), "w") as f:
             json.dump({"per_rank": all_mem, "stage": cfg["teacher"]["deepspeed"]["stage"]}, f, indent=1)
-    say(f"teacher: {mem['param_bytes_full'] / 2**20:.1f} MiB of parameters, {mem['param_bytes_held'] / 2**20:.1f} "
-        f"MiB held on rank 0 (ZeRO stage {cfg['teacher']['deepspeed']['stage']})")
+    say(
+        f"teacher: {mem['param_bytes_full'] / 2**20:.1f} MiB of parameters, {mem['param_bytes_held'] / 2**20:.1f} "
+        f"MiB held on rank 0 (ZeRO stage {cfg['teacher']['deepspeed']['stage']})"
+    )
     teacher_hidden_size = teacher_model.config.hidden_size
-    if hasattr(tokenizer, "vocab_size") and isinstance(tokenizer, data_lib.ByteTokenizer):
-        if teacher_model.config.vocab_size < tokenizer.vocab_size:
-            raise ValueError(f"data.tokenizer 'bytes' needs a vocabulary >= 256, the teacher has "
-                             f"{teacher_model.config.vocab_size}")
+    if isinstance(tokenizer, data_lib.ByteTokenizer) and teacher_model.config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(
+            f"data.tokenizer: 'bytes' needs a teacher vocabulary >= 256, the teacher has "
+            f"{teacher_model.config.vocab_size}"
+        )
 
     def make_loss(student_hidden_size: int) -> DistillLoss:
         return DistillLoss(cfg["losses"], cfg["run"]["loss_impl"], student_hidden_size, teacher_hidden_size)
@@ -382,8 +405,9 @@ def run(cfg: dict) -> dict:
     t0 = time.time()
     s_ppl, t_ppl = perplexity(eval_batches, teacher, student, teacher_weight)
     summary.update(student_ppl_before=s_ppl, teacher_ppl=t_ppl)
-    say(f"held-out perplexity at step {start_step}: student {s_ppl:.2f}, teacher {t_ppl:.2f} "
-        f"({time.time() - t0:.1f} s)")
+    say(
+        f"held-out perplexity at step {start_step}: student {s_ppl:.2f}, teacher {t_ppl:.2f} ({time.time() - t0:.1f} s)"
+    )
     if metrics:
         metrics.log(start_step, {"eval/student_ppl": s_ppl, "eval/teacher_ppl": t_ppl})
     if os.environ.get("FASTDISTILL_DEBUG_DUMP"):
@@ -393,16 +417,22 @@ def run(cfg: dict) -> dict:
             with models.gathered([teacher_weight]):
                 logits = hidden @ teacher_weight.t()
         if rank == 0:
-            torch.save({"input_ids": eval_batches[0][0], "logits": logits},
-                       os.path.join(out_dir, "debug_teacher_logits.pt"))
+            torch.save(
+                {"input_ids": eval_batches[0][0], "logits": logits}, os.path.join(out_dir, "debug_teacher_logits.pt")
+            )
 
     # -- train -----------------------------------------------------------------------------------------------------
     from tqdm import tqdm
 
     ga = sds["gradient_accumulation_steps"]
     kill_at = int(os.environ.get("FASTDISTILL_FAULT_KILL_AT_STEP", "0"))  # test hook: SIGKILL mid-run
-    bar = tqdm(total=sched["max_steps"], initial=start_step, disable=rank != 0 or not cfg["logging"]["progress_bar"],
-               dynamic_ncols=True, desc="distill")
+    bar = tqdm(
+        total=sched["max_steps"],
+        initial=start_step,
+        disable=rank != 0 or not cfg["logging"]["progress_bar"],
+        dynamic_ncols=True,
+        desc="distill",
+    )
     tokens_per_step = sds["micro_batch_size"] * cfg["data"]["seq_len"] * world * ga
     step = start_step
     step_seconds: list[float] = []
@@ -415,8 +445,9 @@ def run(cfg: dict) -> dict:
             input_ids, labels = sampler.batch(step * ga + a)
             t0 = time.perf_counter()
             with torch.no_grad():
-                t_hidden, t_states = teacher(input_ids, output_hidden_states=needs_states,
-                                             attention_layers=teacher_attention_layers)
+                t_hidden, t_states = teacher(
+                    input_ids, output_hidden_states=needs_states, attention_layers=teacher_attention_layers
+                )
             t1 = time.perf_counter()
             loss, parts = student(input_ids, labels, t_hidden, t_states)
             del t_hidden, t_states  # the teacher's activations are not needed for backward
@@ -435,8 +466,14 @@ def run(cfg: dict) -> dict:
         row = {f"train/{k}": float(v) for k, v in zip(sorted(sums), vals)}
         elapsed = time.time() - t_step
         step_seconds.append(elapsed)
-        row.update({"train/lr": float(student.get_lr()[0]), "perf/tokens_per_s": tokens_per_step / elapsed,
-                    "perf/teacher_s": t_teacher, "perf/student_s": t_student})
+        row.update(
+            {
+                "train/lr": float(student.get_lr()[0]),
+                "perf/tokens_per_s": tokens_per_step / elapsed,
+                "perf/teacher_s": t_teacher,
+                "perf/student_s": t_student,
+            }
+        )
         if metrics and step % sched["log_every"] == 0:
             metrics.log(step, row)
         bar.update(1)
@@ -447,7 +484,8 @@ def run(cfg: dict) -> dict:
         )
         if sched["eval_every"] and step % sched["eval_every"] == 0 and step < sched["max_steps"]:
             s_ppl, _ = perplexity(eval_batches, None, student, teacher_weight)
-            bar.write(f"step {step}: held-out student perplexity {s_ppl:.2f}") if rank == 0 else None
+            if rank == 0:
+                bar.write(f"step {step}: held-out student perplexity {s_ppl:.2f}")
             if metrics:
                 metrics.log(step, {"eval/student_ppl": s_ppl})
         if sched["save_every"] and step % sched["save_every"] == 0 and step < sched["max_steps"]:
@@ -464,8 +502,16 @@ def run(cfg: dict) -> dict:
     rss = [None] * world  # peak resident memory of every rank (ru_maxrss is in KiB on Linux)
     dist.all_gather_object(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     steady = step_seconds[1:] or step_seconds  # the first step pays one-time costs
-    summary.update(student_ppl_after=s_ppl, steps=step, train_seconds=train_s, peak_rss_mib_per_rank=rss,
-                   tokens_per_s=tokens_per_step * len(steady) / max(sum(steady), 1e-9), teacher_param_bytes_per_rank=all_mem)
+    summary.update(
+        student_ppl_after=s_ppl,
+        steps=step,
+        train_seconds=train_s,
+        peak_rss_mib_per_rank=rss,
+        tokens_per_s=tokens_per_step * len(steady) / max(sum(steady), 1e-9),
+        step_seconds=step_seconds,
+        tokens_per_step=tokens_per_step,
+        teacher_param_bytes_per_rank=all_mem,
+    )
     if metrics:
         metrics.log(step, {"eval/student_ppl": s_ppl})
     if step > start_step or not os.path.isfile(os.path.join(out_dir, CHECKPOINTS, "latest")):
@@ -473,9 +519,11 @@ def run(cfg: dict) -> dict:
     export_dir = os.path.join(out_dir, "student")
     export_student(student, tokenizer, export_dir, rank)
     summary.update(export_dir=export_dir, wall_seconds=time.time() - t_start)
-    say(f"held-out perplexity: student {summary['student_ppl_before']:.2f} -> {s_ppl:.2f} "
+    say(
+        f"held-out perplexity: student {summary['student_ppl_before']:.2f} -> {s_ppl:.2f} "
         f"(teacher {summary['teacher_ppl']:.2f}); {step - start_step} steps in {train_s:.1f} s; "
-        f"student saved to {export_dir}")
+        f"student saved to {export_dir}"
+    )
     if rank == 0:
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
