@@ -102,17 +102,18 @@ def _tiled_torch(sq, sk, tq, tk, attention_mask, causal, ss, st, row_weight, nee
             n1 = min(h1, n0 + n_block)
             for i0 in range(0, L, q_block):
                 i1 = min(L, i0 + q_block)
-                # keys each row may see: padding [n, 1, L] and causal [1, rows, L]
+                kn = i1 if causal else L  # causal: keys after the block's last query are never visible
+                # keys each row may see: padding [n, 1, kn] and causal [1, rows, kn]
                 keep = None
                 if key_keep is not None:
-                    keep = key_keep[n0:n1, None, :]
+                    keep = key_keep[n0:n1, None, :kn]
                 if causal:
-                    c = (cols[None, :] <= torch.arange(i0, i1, device=sq.device)[:, None])[None]
+                    c = (cols[None, :kn] <= torch.arange(i0, i1, device=sq.device)[:, None])[None]
                     keep = c if keep is None else keep & c
                 if keep is not None:
-                    keep = keep.expand(n1 - n0, i1 - i0, L)
-                s_blk = torch.bmm(sq_[n0:n1, i0:i1], sk_[n0:n1].transpose(1, 2))  # scores S_s, [n, rows, L]
-                t_blk = torch.bmm(tq_[n0:n1, i0:i1], tk_[n0:n1].transpose(1, 2))  # scores S_t, [n, rows, L]
+                    keep = keep.expand(n1 - n0, i1 - i0, kn)
+                s_blk = torch.bmm(sq_[n0:n1, i0:i1], sk_[n0:n1, :kn].transpose(1, 2))  # scores S_s, [n, rows, kn]
+                t_blk = torch.bmm(tq_[n0:n1, i0:i1], tk_[n0:n1, :kn].transpose(1, 2))  # scores S_t, [n, rows, kn]
                 if keep is not None:
                     s_blk.masked_fill_(~keep, float("-inf"))
                     t_blk.masked_fill_(~keep, float("-inf"))
@@ -126,8 +127,8 @@ def _tiled_torch(sq, sk, tq, tk, attention_mask, causal, ss, st, row_weight, nee
                 if need_grad:
                     d_s = p_s.sub_(p_t)  # P_s - P_t, exactly 0 on hidden keys; the row weights go on the thin sides
                     w_blk = w[n0:n1, i0:i1, None]  # [n, rows, 1]
-                    dq[n0:n1, i0:i1] = torch.bmm(d_s, sk_[n0:n1]).mul_(w_blk)  # times scale_s below
-                    dk[n0:n1].baddbmm_(d_s.transpose(1, 2), sq_[n0:n1, i0:i1] * w_blk)  # sq_ carries scale_s already
+                    dq[n0:n1, i0:i1] = torch.bmm(d_s, sk_[n0:n1, :kn]).mul_(w_blk)  # times scale_s below
+                    dk[n0:n1, :kn].baddbmm_(d_s.transpose(1, 2), sq_[n0:n1, i0:i1] * w_blk)  # sq_ has scale_s
                 del s_blk, t_blk, p_s, p_t
 
     workers = _cpu_workers(sq.device, N)
