@@ -1,0 +1,51 @@
+"""``fastdistill dataset-distill {experts,run,evaluate,all} --config run.yaml``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from fastdistill.dataset_distill.config import ConfigError, RunConfig, load_config
+from fastdistill.dataset_distill.data import DataError
+
+
+def _setup(cfg: RunConfig) -> None:
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastdistill dataset-distill",
+                                     description="Dataset distillation by matching training trajectories (MTT).")
+    parser.add_argument("command", choices=("experts", "run", "evaluate", "all"),
+                        help="experts: train expert trajectories; run: distil; evaluate: distilled vs random real; "
+                             "all: the three in order (each resumes where it stopped)")
+    parser.add_argument("--config", required=True, help="YAML run file (see configs/mtt_*.yaml)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        _setup(cfg)
+        progress = not args.no_progress
+        if args.command in ("experts", "all"):
+            from fastdistill.dataset_distill.experts import train_experts
+
+            train_experts(cfg, progress=progress)
+        if args.command in ("run", "all"):
+            from fastdistill.dataset_distill.distill import distill
+
+            distill(cfg, progress=progress)
+        if args.command in ("evaluate", "all"):
+            from fastdistill.dataset_distill.evaluate import evaluate
+
+            evaluate(cfg, progress=progress)
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        print(f"fastdistill dataset-distill: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
