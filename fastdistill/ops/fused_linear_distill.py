@@ -159,33 +159,49 @@ def bucket_divergence_and_grad(ls: torch.Tensor, lq: torch.Tensor, divergence: i
 
 def _topk_chunk_torch(s32, values, indices, labels, divergence, beta, temperature, tail, topk_logits, soft_scale,
                       loss_scale, hard_scale, need_soft, need_hard):
-    """Top-k chunk in torch: one logsumexp per temperature (shared with CE when T = 1), gather, bucket divergence."""
+    """Top-k chunk in torch. The student's softmax at T is computed once and turned into dlogits in place; at T = 1
+    the cross-entropy term shares it (its logsumexp and its probabilities), so the chunk sees ~3 passes over [C, Vs].
+    """
     T = temperature
+    if not need_soft:
+        if not need_hard:
+            return None, None, None
+        lse1 = torch.logsumexp(s32, dim=-1)
+        ce_rows, dlogits = _ce_rows_and_grad(s32, lse1, labels, hard_scale)
+        return ce_rows, None, dlogits
     zT = s32 / T if T != 1.0 else s32
     lseT = torch.logsumexp(zT, dim=-1)
-    lse1 = lseT if T == 1.0 else (torch.logsumexp(s32, dim=-1) if need_hard else None)
-    dlogits = torch.zeros_like(s32)
-    soft_rows = ce_rows = None
-    if need_soft:
-        p = torch.exp(zT - lseT[:, None])  # [C, Vs]
-        ls_k = zT.gather(1, indices) - lseT[:, None]
-        in_topk = torch.zeros_like(p, dtype=torch.bool).scatter_(1, indices, True)
-        tail_mass = torch.where(in_topk, torch.zeros_like(p), p).sum(-1)
-        ls_tail = torch.where(tail_mass > 0, tail_mass.clamp_min(1e-38).log(), torch.full_like(tail_mass, -math.inf))
-        ls = torch.cat([ls_k, ls_tail[:, None]], dim=-1)
-        lq = teacher_topk_logprobs(values, tail, T, topk_logits)
-        rows, g = bucket_divergence_and_grad(ls, lq, divergence, beta)
-        soft_rows = rows * loss_scale
-        coef = soft_scale * loss_scale / T
-        G = g.sum(-1)
-        a = torch.where(g[:, -1] != 0, g[:, -1] / tail_mass.clamp_min(1e-38), torch.zeros_like(G))
-        # d/ds_v: p_v (a [v not in top k] - G) + g_j [v = idx_j], all / T
-        dlogits = p * (torch.where(in_topk, torch.zeros_like(p), a[:, None]) - G[:, None])
-        dlogits.scatter_add_(1, indices, g[:, :-1])
-        dlogits.mul_(coef)
+    p = torch.exp(zT - lseT[:, None])  # [C, Vs] softmax at T; becomes dlogits in place
+    del zT
+    shared = T == 1.0
+    lse1 = lseT if shared else (torch.logsumexp(s32, dim=-1) if need_hard else None)
+    ce_rows = lse1 - s32.gather(1, labels[:, None]).squeeze(1) if need_hard else None
+
+    p_k = p.gather(1, indices)  # [C, k]
+    ls_k = s32.gather(1, indices) / T - lseT[:, None]
+    p.scatter_(1, indices, 0.0)  # exact tail mass: a sum over the other tokens, not 1 - sum(p_k)
+    tail_mass = p.sum(-1)
+    p.scatter_(1, indices, p_k)
+    ls_tail = torch.where(tail_mass > 0, tail_mass.clamp_min(1e-38).log(), torch.full_like(tail_mass, -math.inf))
+    ls = torch.cat([ls_k, ls_tail[:, None]], dim=-1)
+    lq = teacher_topk_logprobs(values, tail, T, topk_logits)
+    rows, g = bucket_divergence_and_grad(ls, lq, divergence, beta)
+    soft_rows = rows * loss_scale
+    coef = soft_scale * loss_scale / T
+    G = g.sum(-1)
+    a = torch.where(g[:, -1] != 0, g[:, -1] / tail_mass.clamp_min(1e-38), torch.zeros_like(G))
+    # d/ds_v = coef (p_v (a [v not in top k] - G) + g_j [v = idx_j]) (+ hard_scale (p_v - [v = label]) at T = 1)
+    row_coef = coef * (a - G)
+    k_val = coef * (g[:, :-1] - G[:, None] * p_k)
+    if need_hard and shared:
+        row_coef = row_coef + hard_scale
+        k_val = k_val + hard_scale * p_k
+    dlogits = p.mul_(row_coef[:, None])
+    dlogits.scatter_(1, indices, k_val)
     if need_hard:
-        ce_rows, g_ce = _ce_rows_and_grad(s32, lse1, labels, hard_scale)
-        dlogits.add_(g_ce)
+        if not shared:
+            dlogits.add_(torch.exp(s32 - lse1[:, None]).mul_(hard_scale))
+        dlogits.scatter_add_(1, labels[:, None], torch.full_like(labels[:, None], -hard_scale, dtype=dlogits.dtype))
     return ce_rows, soft_rows, dlogits
 
 
@@ -318,7 +334,8 @@ def fused_linear_distill_forward(
     soft_out = torch.zeros(N if per_row else (), dtype=torch.float32, device=device)
 
     if chunk_size <= 0:
-        Vt = teacher_weight.shape[0] if teacher_weight is not None else (topk_values.shape[1] if sparse else 0)
+        # a top-k chunk keeps about two [C, Vs] fp32 blocks (softmax -> dlogits, the logits), like a dense one
+        Vt = teacher_weight.shape[0] if teacher_weight is not None else (Vs if sparse else 0)
         chunk_size = choose_chunk_size(n_valid, Vs, Vt, Hs, device)
     soft_backend = _soft_backend(device, divergence, backend) if (need_soft and not sparse) else "torch"
     k_backend = topk_backend(device, backend) if sparse else "torch"
