@@ -99,7 +99,7 @@ def build_models(p: dict, folder: str) -> tuple[str, str]:
 
 def run_config(p: dict, tdir: str, sdir: str, out: str) -> dict:
     return {
-        "run": {"output_dir": out, "resume": "never", "keep_checkpoints": 1},
+        "run": {"output_dir": out, "resume": "never", "keep_checkpoints": 1, "threads": p.get("threads")},
         "teacher": {"model": tdir, "deepspeed": {"stage": 0}},
         "student": {
             "model": sdir,
@@ -159,6 +159,8 @@ def run_fastdistill(cfg: dict, folder: str, overrides: list[str], world: int = 1
 def trl_worker(args_json: str) -> None:
     """Runs in its own process: GKDTrainer on the same models and batches; prints one JSON line."""
     a = json.loads(args_json)
+    if a["preset"].get("threads"):
+        torch.set_num_threads(a["preset"]["threads"])
     import transformers
     from datasets import Dataset
     from trl.experimental.gkd import GKDConfig, GKDTrainer
@@ -260,6 +262,7 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--providers", default=",".join(PROVIDERS))
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per process (every provider)")
     ap.add_argument("--trl-worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.trl_worker:
@@ -268,6 +271,7 @@ def main(argv=None) -> int:
     p = dict(PRESETS[a.preset])
     if a.steps:
         p["steps"] = a.steps
+    p["threads"] = a.threads
     providers = [x for x in a.providers.split(",") if x]
     device = torch.device("cpu")
     shape = f"B{p['batch']}xT{p['seq_len']} V{p['vocab']} H{p['hidden']} L{p['layers']}->2"
