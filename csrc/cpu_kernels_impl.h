@@ -238,7 +238,12 @@ void distill_row(const DistillRowsArgs& args, const scalar_t* s, const scalar_t*
     if (g != nullptr) fill_row(g, n_vocab, std::numeric_limits<float>::quiet_NaN());
     return;
   }
-  const V lse_s(static_cast<acc_t>(rs.lse)), lse_t(static_cast<acc_t>(rt.lse));
+  // log p = (x' - max) - log(sum): the max is one of the inputs, so x' - max is exact when they are close, and the
+  // rounding error stays relative to |log p| even for logits of 1e4 (x' - lse in float32 would lose ~1e-3)
+  const V max_s(static_cast<acc_t>(rs.max)), max_t(static_cast<acc_t>(rt.max));
+  const V log_z_s(static_cast<acc_t>(rs.lse - rs.max)), log_z_t(static_cast<acc_t>(rt.lse - rt.max));
+  auto log_ps = [&](const V& xs) { return (xs - max_s) - log_z_s; };
+  auto log_pt = [&](const V& xt) { return (xt - max_t) - log_z_t; };
   const V grad_c(static_cast<acc_t>(args.loss_scale * args.inv_temperature * args.grad_scale));
 
   if constexpr (kDiv == kForwardKL || kDiv == kReverseKL) {
@@ -251,10 +256,10 @@ void distill_row(const DistillRowsArgs& args, const scalar_t* s, const scalar_t*
     for_each_chunk<acc_t>(s, t, n_vocab, inv_t, [&](const V& xs, const V& xt, int64_t j, int64_t n) {
       V grad;
       if constexpr (kDiv == kForwardKL) {
-        grad = (vexp(xs - lse_s) - vexp(xt - lse_t)) * grad_c;
+        grad = (vexp(log_ps(xs)) - vexp(log_pt(xt))) * grad_c;
       } else {
-        const V lps = xs - lse_s;
-        grad = safe_mul(vexp(lps), lps - (xt - lse_t) - raw_v) * grad_c;
+        const V lps = log_ps(xs);
+        grad = safe_mul(vexp(lps), lps - log_pt(xt) - raw_v) * grad_c;
       }
       store<scalar_t>(g + j, grad, n);
     });
@@ -263,7 +268,7 @@ void distill_row(const DistillRowsArgs& args, const scalar_t* s, const scalar_t*
     // pass 2: loss and S = sum ps a
     V acc_loss(0), acc_pa(0);
     for_each_chunk<acc_t>(s, t, n_vocab, inv_t, [&](const V& xs, const V& xt, int64_t, int64_t) {
-      const V lps = xs - lse_s, lpt = xt - lse_t;
+      const V lps = log_ps(xs), lpt = log_pt(xt);
       const V ps = vexp(lps);
       V term, a;
       div.eval(lps, lpt, ps, vexp(lpt), term, a);
@@ -276,7 +281,7 @@ void distill_row(const DistillRowsArgs& args, const scalar_t* s, const scalar_t*
     const V sum_pa(at::vec::vec_reduce_all<acc_t>([](V x, V y) { return x + y; }, acc_pa));
     // pass 3: dL/ds'_j = ps_j (a_j - S)
     for_each_chunk<acc_t>(s, t, n_vocab, inv_t, [&](const V& xs, const V& xt, int64_t j, int64_t n) {
-      const V lps = xs - lse_s, lpt = xt - lse_t;
+      const V lps = log_ps(xs), lpt = log_pt(xt);
       const V ps = vexp(lps);
       V term, a;
       div.eval(lps, lpt, ps, vexp(lpt), term, a);

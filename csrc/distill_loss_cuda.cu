@@ -5,7 +5,7 @@
 //           sum a = sum exp(t' - mt) (t' - s'), rescaled with the teacher's sum; loads are 16 bytes wide when the rows
 //           are aligned. Warp shuffles then shared memory merge the per-thread states; the loss is
 //           a / zt - lse_t + lse_s.
-//   pass 2  grad = (exp(s' - lse_s) - exp(t' - lse_t)) * loss_scale / T * grad_scale[0] (the row is mostly in L2).
+//   pass 2  grad = (ps - pt) * loss_scale / T * grad_scale[0] (the row is mostly in L2 by then).
 // Accumulation in float32 (float64 for float64 inputs). grad_scale is read on the device: no host sync.
 // Other divergence ids are an error here; the Python side routes only the forward KL to this kernel.
 //
@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   // block reduction: warps, then the first warp over the warps' results
   __shared__ acc_t sh[5][kMaxThreads / kWarp];
-  __shared__ acc_t sh_row[3];  // lse_s, lse_t, loss
+  __shared__ acc_t sh_row[4];  // max and log(sum exp(x' - max)) of s' and t'
   st.merge_warp();
   const int warp = tid / kWarp, lane = tid % kWarp, n_warps = (n_threads + kWarp - 1) / kWarp;
   if (lane == 0) {
@@ -181,20 +181,21 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
     st.merge_warp();
     if (lane == 0) {
-      const acc_t lse_s = st.ms + fd_log(st.zs);
-      const acc_t lse_t = st.mt + fd_log(st.zt);
-      // KL(pt || ps) = sum pt (t' - s') - lse_t + lse_s
-      const acc_t kl = st.a / st.zt - lse_t + lse_s;
-      sh_row[0] = lse_s;
-      sh_row[1] = lse_t;
+      // KL(pt || ps) = sum pt (t' - s') - lse_t + lse_s, the maxes subtracted first (exact for close values)
+      const acc_t kl = st.a / st.zt + (st.ms - st.mt) + (fd_log(st.zs) - fd_log(st.zt));
+      sh_row[0] = st.ms;
+      sh_row[1] = fd_log(st.zs);
+      sh_row[2] = st.mt;
+      sh_row[3] = fd_log(st.zt);
       loss[row] = static_cast<float>(loss_scale * kl);
     }
   }
   if (g == nullptr) return;  // uniform across the block
   __syncthreads();
 
-  // pass 2: d loss / d student = (ps - pt) * loss_scale / T * grad_scale
-  const acc_t lse_s = sh_row[0], lse_t = sh_row[1];
+  // pass 2: d loss / d student = (ps - pt) * loss_scale / T * grad_scale, with log p = (x' - max) - log(sum): x' - max
+  // is exact for close values, so the error stays relative to |log p| even for logits of 1e4
+  const acc_t ms = sh_row[0], log_zs = sh_row[1], mt = sh_row[2], log_zt = sh_row[3];
   const acc_t c = loss_scale * inv_t * static_cast<acc_t>(grad_scale[0]);
   for (int64_t p = tid; p < n_packs; p += n_threads) {
     const P b_s = reinterpret_cast<const P*>(s)[p];
@@ -202,15 +203,15 @@ __global__ void __launch_bounds__(kMaxThreads)
     P b_g;
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
-      const acc_t ps = fd_exp(static_cast<acc_t>(b_s.v[k]) * inv_t - lse_s);
-      const acc_t pt = fd_exp(static_cast<acc_t>(b_t.v[k]) * inv_t - lse_t);
+      const acc_t ps = fd_exp((static_cast<acc_t>(b_s.v[k]) * inv_t - ms) - log_zs);
+      const acc_t pt = fd_exp((static_cast<acc_t>(b_t.v[k]) * inv_t - mt) - log_zt);
       b_g.v[k] = static_cast<scalar_t>((ps - pt) * c);
     }
     reinterpret_cast<P*>(g)[p] = b_g;
   }
   for (int64_t j = n_packs * kVec + tid; j < vocab; j += n_threads) {
-    const acc_t ps = fd_exp(static_cast<acc_t>(s[j]) * inv_t - lse_s);
-    const acc_t pt = fd_exp(static_cast<acc_t>(t[j]) * inv_t - lse_t);
+    const acc_t ps = fd_exp((static_cast<acc_t>(s[j]) * inv_t - ms) - log_zs);
+    const acc_t pt = fd_exp((static_cast<acc_t>(t[j]) * inv_t - mt) - log_zt);
     g[j] = static_cast<scalar_t>((ps - pt) * c);
   }
 }

@@ -27,6 +27,9 @@
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
+// setup.py builds with -ffast-math; its reassociation would fold (x - max) - log_z back into x - lse and lose the
+// precision that order keeps for large logits (see cpu_kernels_impl.h)
+#pragma GCC optimize("no-associative-math")
 // g++ does not define the ISA macros for a target pragma (C does); ATen's vec headers and sleef.h test them
 #define __AVX__ 1
 #define __AVX2__ 1

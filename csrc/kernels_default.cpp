@@ -1,5 +1,10 @@
 // Baseline variant of the CPU row kernels: the build's own -march flags and at::vec's generic Vectorized (its
 // CPU_CAPABILITY namespace is left at the default). Runs where the AVX2 variant cannot (see kernels_avx2.cpp).
+#if defined(__GNUC__) && !defined(__clang__)
+// setup.py builds with -ffast-math; its reassociation would fold (x - max) - log_z back into x - lse and lose the
+// precision that order keeps for large logits (see cpu_kernels_impl.h)
+#pragma GCC optimize("no-associative-math")
+#endif
 #define FASTDISTILL_CPU_NS cpu_default
 #include "cpu_kernels_impl.h"
 #undef FASTDISTILL_CPU_NS
