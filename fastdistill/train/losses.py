@@ -2,7 +2,8 @@
 
 ``logit_kd`` (soft) and ``hard_ce`` (hard) go through ``fastdistill.functional.fused_linear_distill_loss`` in one call:
 chunks of tokens, matmul, online softmax, divergence, gradient, with no [tokens x vocab] tensor kept. ``hint``,
-``attention`` and ``affinity`` use the public functional API where it exists. ``run.loss_impl: unfused`` computes the
+``attention`` (q / k captured by ``fastdistill.capture``) and ``affinity`` call ``fastdistill.functional.hint_loss``,
+``attention_distill_loss`` and ``affinity_distill_loss``. ``run.loss_impl: unfused`` computes the
 same terms the plain-torch way (materialized logits, the shared reference divergence, F.cross_entropy): the baseline of
 ``benchmarks/bench_trainer.py``.
 """
