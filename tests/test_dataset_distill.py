@@ -4,7 +4,6 @@ gives a clear error."""
 
 from __future__ import annotations
 
-import gc
 import gzip
 import os
 import struct
@@ -43,8 +42,20 @@ def _problem(dtype, *, n=40, width=8, soft=False, seed=0):
 
 def _run(problem, unroll, steps, *, augment=None, batch_size=16, seed=1, **kw):
     model, start, target, images, labels, lr = problem
-    return match_trajectory(model, start, target, images, labels, lr, steps=steps, batch_size=batch_size,
-                            unroll=unroll, generator=torch.Generator().manual_seed(seed), augment=augment, **kw)
+    return match_trajectory(
+        model,
+        start,
+        target,
+        images,
+        labels,
+        lr,
+        steps=steps,
+        batch_size=batch_size,
+        unroll=unroll,
+        generator=torch.Generator().manual_seed(seed),
+        augment=augment,
+        **kw,
+    )
 
 
 def _rel(a, b):
@@ -85,8 +96,10 @@ def test_first_order_differs_measurably(capsys):
     rel_img, rel_lr = _rel(gimg_f, gimg_b), _rel(glr_f, glr_b)
     cos = float(torch.nn.functional.cosine_similarity(gimg_f.flatten(), gimg_b.flatten(), 0))
     with capsys.disabled():
-        print(f"\nfirst_order vs exact gradient (float64, N=12, lr=0.05): relative error images {rel_img:.3e}, "
-              f"lr {rel_lr:.3e}, cosine(images) {cos:.4f}")
+        print(
+            f"\nfirst_order vs exact gradient (float64, N=12, lr=0.05): relative error images {rel_img:.3e}, "
+            f"lr {rel_lr:.3e}, cosine(images) {cos:.4f}"
+        )
     assert rel_img > 1e-2 and rel_lr > 1e-2  # far above the 1e-5 of exact
     assert cos > 0.5  # ... but still a descent-like direction
 
@@ -99,8 +112,11 @@ def _peak_bytes(fn) -> int:
 
 def test_exact_peak_memory_does_not_grow_with_steps():
     problem = _problem(torch.float32, n=64, width=8)
-    peak = {(mode, n): _peak_bytes(lambda: _run(problem, mode, n, batch_size=64))
-            for mode in ("exact", "bptt") for n in (3, 12)}
+    peak = {
+        (mode, n): _peak_bytes(lambda mode=mode, n=n: _run(problem, mode, n, batch_size=64))
+        for mode in ("exact", "bptt")
+        for n in (3, 12)
+    }
     exact_growth = peak[("exact", 12)] / peak[("exact", 3)]
     bptt_growth = peak[("bptt", 12)] / peak[("bptt", 3)]
     assert exact_growth < 1.1, peak
@@ -186,8 +202,10 @@ def test_missing_and_corrupt_data_files(tmp_path):
         read_idx(str(notidx))
 
 
-@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
-                    reason="Debian package dataset-fashion-mnist not installed (make system-data)")
+@pytest.mark.skipif(
+    not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+    reason="Debian package dataset-fashion-mnist not installed (make system-data)",
+)
 def test_fashion_mnist_from_debian_package():
     ds = load_fashion_mnist()
     assert ds.train_x.shape == (60000, 1, 28, 28) and ds.test_x.shape == (10000, 1, 28, 28)
@@ -199,11 +217,24 @@ def test_fashion_mnist_from_debian_package():
 
 
 def _tiny_cfg(tmp_path, **distill):
-    raw = {"run_dir": str(tmp_path / "run"), "threads": None, "data": {"name": "digits", "train_subset": 300},
-           "model": {"width": 4, "depth": 2}, "experts": {"num_experts": 2, "epochs": 3, "batch_size": 64},
-           "distill": {"ipc": 2, "iterations": 4, "syn_steps": 3, "expert_epochs": 1, "max_start_epoch": 2,
-                       "checkpoint_every": 2, "log_every": 2, **distill},
-           "evaluate": {"runs": 2, "epochs": 3}}
+    raw = {
+        "run_dir": str(tmp_path / "run"),
+        "threads": None,
+        "data": {"name": "digits", "train_subset": 300},
+        "model": {"width": 4, "depth": 2},
+        "experts": {"num_experts": 2, "epochs": 3, "batch_size": 64},
+        "distill": {
+            "ipc": 2,
+            "iterations": 4,
+            "syn_steps": 3,
+            "expert_epochs": 1,
+            "max_start_epoch": 2,
+            "checkpoint_every": 2,
+            "log_every": 2,
+            **distill,
+        },
+        "evaluate": {"runs": 2, "epochs": 3},
+    }
     return raw
 
 
@@ -211,8 +242,9 @@ def test_expert_run_resumes_after_interruption(tmp_path):
     from fastdistill.dataset_distill.experts import expert_path, train_experts
 
     cfg = from_dict(_tiny_cfg(tmp_path))
-    ref = train_experts(from_dict({**_tiny_cfg(tmp_path), "run_dir": str(tmp_path / "ref")}), progress=False,
-                        log=lambda s: None)
+    ref = train_experts(
+        from_dict({**_tiny_cfg(tmp_path), "run_dir": str(tmp_path / "ref")}), progress=False, log=lambda s: None
+    )
     partial = train_experts(cfg, progress=False, stop_after_epoch=1, log=lambda s: None)  # "killed" after epoch 1
     assert [len(r["snapshots"]) for r in partial] == [2, 2]
     assert not [p for p in os.listdir(cfg.expert_dir) if ".tmp" in p]  # atomic writes leave no temp files

@@ -10,8 +10,16 @@ import torch
 import torch.nn.functional as F
 
 
-def diff_augment(x: torch.Tensor, seed: int, *, scale: float = 0.2, rotate_deg: float = 15.0,
-                 translate: float = 0.125, brightness: float = 0.2, contrast: float = 0.2) -> torch.Tensor:
+def diff_augment(
+    x: torch.Tensor,
+    seed: int,
+    *,
+    scale: float = 0.2,
+    rotate_deg: float = 15.0,
+    translate: float = 0.125,
+    brightness: float = 0.2,
+    contrast: float = 0.2,
+) -> torch.Tensor:
     """Augment ``x`` [B, C, H, W] with parameters drawn (per image) from a generator seeded by ``seed``; differentiable
     in ``x``."""
     gen = torch.Generator().manual_seed(int(seed))

@@ -17,11 +17,15 @@ def _setup(cfg: RunConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastdistill dataset-distill",
-                                     description="Dataset distillation by matching training trajectories (MTT).")
-    parser.add_argument("command", choices=("experts", "run", "evaluate", "all"),
-                        help="experts: train expert trajectories; run: distil; evaluate: distilled vs random real; "
-                             "all: the three in order (each resumes where it stopped)")
+    parser = argparse.ArgumentParser(
+        prog="fastdistill dataset-distill", description="Dataset distillation by matching training trajectories (MTT)."
+    )
+    parser.add_argument(
+        "command",
+        choices=("experts", "run", "evaluate", "all"),
+        help="experts: train expert trajectories; run: distil; evaluate: distilled vs random real; "
+        "all: the three in order (each resumes where it stopped)",
+    )
     parser.add_argument("--config", required=True, help="YAML run file (see configs/mtt_*.yaml)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)

@@ -92,13 +92,38 @@ class RunConfig:
         return os.path.join(self.run_dir, "experts")
 
 
-CHOICES = {"data.name": DATASETS, "distill.unroll": UNROLL_MODES, "distill.init": ("real", "noise"),
-           "distill.dtype": ("float32", "float64")}
-POSITIVE = {"model.width", "model.depth", "experts.num_experts", "experts.epochs", "experts.lr", "experts.batch_size",
-            "distill.ipc", "distill.iterations", "distill.syn_steps", "distill.expert_epochs",
-            "distill.max_start_epoch", "distill.batch_syn", "distill.lr_images", "distill.lr_lr", "distill.lr_init",
-            "distill.checkpoint_every", "distill.log_every", "distill.checkpoint_every_iterate", "evaluate.runs",
-            "evaluate.epochs", "evaluate.batch_size", "evaluate.lr", "threads", "data.train_subset"}
+CHOICES = {
+    "data.name": DATASETS,
+    "distill.unroll": UNROLL_MODES,
+    "distill.init": ("real", "noise"),
+    "distill.dtype": ("float32", "float64"),
+}
+POSITIVE = {
+    "model.width",
+    "model.depth",
+    "experts.num_experts",
+    "experts.epochs",
+    "experts.lr",
+    "experts.batch_size",
+    "distill.ipc",
+    "distill.iterations",
+    "distill.syn_steps",
+    "distill.expert_epochs",
+    "distill.max_start_epoch",
+    "distill.batch_syn",
+    "distill.lr_images",
+    "distill.lr_lr",
+    "distill.lr_init",
+    "distill.checkpoint_every",
+    "distill.log_every",
+    "distill.checkpoint_every_iterate",
+    "evaluate.runs",
+    "evaluate.epochs",
+    "evaluate.batch_size",
+    "evaluate.lr",
+    "threads",
+    "data.train_subset",
+}
 
 
 def _type_name(tp) -> str:
@@ -150,9 +175,11 @@ def from_dict(raw: dict) -> RunConfig:
     cfg = _build(RunConfig, raw, "")
     d = cfg.distill
     if d.expert_epochs + d.max_start_epoch > cfg.experts.epochs + 1:
-        raise ConfigError(f"distill.max_start_epoch + distill.expert_epochs = {d.max_start_epoch + d.expert_epochs} "
-                          f"needs expert snapshots past experts.epochs={cfg.experts.epochs}; expected at most "
-                          f"{cfg.experts.epochs + 1}")
+        raise ConfigError(
+            f"distill.max_start_epoch + distill.expert_epochs = {d.max_start_epoch + d.expert_epochs} "
+            f"needs expert snapshots past experts.epochs={cfg.experts.epochs}; expected at most "
+            f"{cfg.experts.epochs + 1}"
+        )
     if d.batch_syn is not None and d.batch_syn > d.ipc * 10:
         raise ConfigError(f"distill.batch_syn: {d.batch_syn} given; expected at most ipc x classes = {d.ipc * 10}")
     return cfg

@@ -70,8 +70,10 @@ class ParamLayout:
         missing = [n for n in self.names if n not in params]
         extra = [n for n in params if n not in self.names]
         if missing or extra:
-            raise ValueError(f"{what} has parameters {list(params)}; expected {list(self.names)} "
-                             f"(missing {missing}, unexpected {extra})")
+            raise ValueError(
+                f"{what} has parameters {list(params)}; expected {list(self.names)} "
+                f"(missing {missing}, unexpected {extra})"
+            )
         for n, s in zip(self.names, self.shapes):
             if params[n].shape != s:
                 raise ValueError(f"{what}[{n!r}] has shape {tuple(params[n].shape)}; expected {tuple(s)}")
@@ -82,28 +84,31 @@ class ParamLayout:
         return {n: t.view(s) for n, t, s in zip(self.names, flat.split(self.numels), self.shapes)}
 
 
-def draw_batches(num_images: int, steps: int, batch_size: int, generator: torch.Generator | None,
-                 augment: bool) -> tuple[list[torch.Tensor], list[int]]:
-    """Minibatch indices for every step (consecutive chunks of fresh permutations) and one augmentation seed per step."""
+def draw_batches(
+    num_images: int, steps: int, batch_size: int, generator: torch.Generator | None, augment: bool
+) -> tuple[list[torch.Tensor], list[int]]:
+    """Minibatch indices for every step (consecutive chunks of fresh permutations), one augmentation seed per step."""
     batches, perm, pos = [], None, num_images
     for _ in range(steps):
         if pos + batch_size > num_images:
             perm, pos = torch.randperm(num_images, generator=generator), 0
-        batches.append(perm[pos:pos + batch_size])
+        batches.append(perm[pos : pos + batch_size])
         pos += batch_size
     seeds = torch.randint(0, 2**62, (steps,), generator=generator).tolist() if augment else [0] * steps
     return batches, seeds
 
 
-def student_loss(model: torch.nn.Module, layout: ParamLayout, theta: torch.Tensor, x: torch.Tensor,
-                 labels: torch.Tensor) -> torch.Tensor:
+def student_loss(
+    model: torch.nn.Module, layout: ParamLayout, theta: torch.Tensor, x: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     """Cross-entropy of the model evaluated at the flat parameters ``theta`` (hard or soft labels)."""
     logits = functional_call(model, layout.unflatten(theta), (x,))
     return F.cross_entropy(logits, labels)
 
 
-def matching_loss_and_grad(theta_n: torch.Tensor, start: torch.Tensor, target: torch.Tensor
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+def matching_loss_and_grad(
+    theta_n: torch.Tensor, start: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``||theta_n - target||^2 / ||start - target||^2`` and its gradient w.r.t. ``theta_n`` in one pass over the
     flat vectors (the gradient is ``2 (theta_n - target) / denom``; nothing else of size |theta| is kept)."""
     diff = theta_n - target
@@ -121,8 +126,10 @@ def _check_inputs(model, start_params, target_params, images, labels, lr, steps,
     if images.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"images has dtype {images.dtype}; expected torch.float32 or torch.float64")
     if lr.numel() != 1 or lr.dtype != images.dtype:
-        raise ValueError(f"lr must be a scalar tensor of the images' dtype {images.dtype}; got shape "
-                         f"{tuple(lr.shape)} and dtype {lr.dtype}")
+        raise ValueError(
+            f"lr must be a scalar tensor of the images' dtype {images.dtype}; got shape "
+            f"{tuple(lr.shape)} and dtype {lr.dtype}"
+        )
     n = images.shape[0]
     if labels.is_floating_point():
         if labels.shape[0] != n or labels.dim() != 2:
@@ -134,8 +141,9 @@ def _check_inputs(model, start_params, target_params, images, labels, lr, steps,
     if not isinstance(batch_size, int) or not 1 <= batch_size <= n:
         raise ValueError(f"batch_size={batch_size!r}; expected an int in [1, {n}] (the number of images)")
     if not isinstance(start_params, Mapping) or not isinstance(target_params, Mapping):
-        raise TypeError("start_params and target_params must map parameter names to tensors "
-                        "(as dict(model.named_parameters()))")
+        raise TypeError(
+            "start_params and target_params must map parameter names to tensors (as dict(model.named_parameters()))"
+        )
 
 
 def match_trajectory(
@@ -204,8 +212,20 @@ def match_trajectory(
     with torch.enable_grad():
         if unroll == "bptt":
             return _bptt(model, layout, theta0, target, images, labels, lr, batches, seeds, augment)
-        return _adjoint(model, layout, theta0, target, images, labels, lr, batches, seeds, augment,
-                        exact=unroll == "exact", checkpoint_every=checkpoint_every or 1)
+        return _adjoint(
+            model,
+            layout,
+            theta0,
+            target,
+            images,
+            labels,
+            lr,
+            batches,
+            seeds,
+            augment,
+            exact=unroll == "exact",
+            checkpoint_every=checkpoint_every or 1,
+        )
 
 
 def _inputs(images, batch, seed, augment):
@@ -261,8 +281,9 @@ def _adjoint(model, layout, theta0, target, images, labels, lr, batches, seeds, 
         theta_i = segment.pop(i).requires_grad_(True)
         x_b = images[batches[i]].requires_grad_(True)
         x = augment(x_b, seeds[i]) if augment is not None else x_b
-        (g,) = torch.autograd.grad(student_loss(model, layout, theta_i, x, labels[batches[i]]), theta_i,
-                                   create_graph=True)
+        (g,) = torch.autograd.grad(
+            student_loss(model, layout, theta_i, x, labels[batches[i]]), theta_i, create_graph=True
+        )
         if exact:  # H_i lambda and (dg/dx)^T lambda from one double-backward
             hvp, gx = torch.autograd.grad(g, (theta_i, x_b), grad_outputs=lam)
         else:  # TESLA: theta_i held fixed, the Hessian term is dropped

@@ -23,8 +23,18 @@ FASHION_MNIST_FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                         "Ankle boot")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 DATASETS = ("fashion_mnist", "digits")
 
 
@@ -72,19 +82,24 @@ def read_idx(path: str) -> np.ndarray:
         with opener(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError, zlib.error) as err:
-        raise DataError(f"{path} is corrupt or unreadable ({type(err).__name__}: {err}); reinstall it with "
-                        f"`apt-get install --reinstall dataset-fashion-mnist`") from err
+        raise DataError(
+            f"{path} is corrupt or unreadable ({type(err).__name__}: {err}); reinstall it with "
+            f"`apt-get install --reinstall dataset-fashion-mnist`"
+        ) from err
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or not 1 <= raw[3] <= 4:
-        raise DataError(f"{path} is not an IDX file of unsigned bytes (header {raw[:4].hex() or 'empty'}; expected "
-                        f"00 00 08 01..04); the file is corrupt")
+        raise DataError(
+            f"{path} is not an IDX file of unsigned bytes (header {raw[:4].hex() or 'empty'}; expected "
+            f"00 00 08 01..04); the file is corrupt"
+        )
     ndim = raw[3]
     if len(raw) < 4 + 4 * ndim:
         raise DataError(f"{path} is truncated: {len(raw)} bytes, shorter than its header")
-    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     expected = 4 + 4 * ndim + int(np.prod(dims))
     if len(raw) != expected:
-        raise DataError(f"{path} has {len(raw)} bytes but its header {dims} needs {expected}; the file is corrupt "
-                        f"or truncated")
+        raise DataError(
+            f"{path} has {len(raw)} bytes but its header {dims} needs {expected}; the file is corrupt or truncated"
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -94,8 +109,10 @@ def load_fashion_mnist(root: str | None = None) -> ImageDataset:
     for split in ("train", "test"):
         x, y = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if x.ndim != 3 or y.ndim != 1 or x.shape[0] != y.shape[0]:
-            raise DataError(f"Fashion-MNIST {split} files disagree: images {x.shape}, labels {y.shape}; expected "
-                            f"[N, 28, 28] and [N]")
+            raise DataError(
+                f"Fashion-MNIST {split} files disagree: images {x.shape}, labels {y.shape}; expected "
+                f"[N, 28, 28] and [N]"
+            )
         if y.max() >= 10:
             raise DataError(f"Fashion-MNIST {split} labels contain {int(y.max())}; expected classes 0..9")
     mean, std = 0.2860, 0.3530  # training-set statistics of Fashion-MNIST in [0, 1]
@@ -103,9 +120,20 @@ def load_fashion_mnist(root: str | None = None) -> ImageDataset:
     def images(a):
         return ((torch.from_numpy(a.astype(np.float32)) / 255.0 - mean) / std).unsqueeze(1)
 
-    return ImageDataset("fashion_mnist", images(arrays["train_images"]), torch.from_numpy(arrays["train_labels"].astype(np.int64)),
-                        images(arrays["test_images"]), torch.from_numpy(arrays["test_labels"].astype(np.int64)), 10,
-                        mean, std, FASHION_MNIST_CLASSES)
+    def labels(a):
+        return torch.from_numpy(a.astype(np.int64))
+
+    return ImageDataset(
+        "fashion_mnist",
+        images(arrays["train_images"]),
+        labels(arrays["train_labels"]),
+        images(arrays["test_images"]),
+        labels(arrays["test_labels"]),
+        10,
+        mean,
+        std,
+        FASHION_MNIST_CLASSES,
+    )
 
 
 def load_digits(test_fraction: float = 0.2, seed: int = 0) -> ImageDataset:

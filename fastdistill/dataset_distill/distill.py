@@ -114,13 +114,24 @@ def distill(cfg: RunConfig, *, ds: ImageDataset | None = None, progress: bool = 
     log_path = os.path.join(cfg.run_dir, "distill_log.csv")
 
     def checkpoint(iteration: int) -> None:
-        atomic_save({"images": images.detach().clone(), "labels": labels, "lr": syn_lr.detach().clone(),
-                     "opt_images": opt_img.state_dict(), "opt_lr": opt_lr.state_dict(),
-                     "generator_state": gen.get_state(), "iteration": iteration, "config": to_dict(cfg)}, ckpt)
+        atomic_save(
+            {
+                "images": images.detach().clone(),
+                "labels": labels,
+                "lr": syn_lr.detach().clone(),
+                "opt_images": opt_img.state_dict(),
+                "opt_lr": opt_lr.state_dict(),
+                "generator_state": gen.get_state(),
+                "iteration": iteration,
+                "config": to_dict(cfg),
+            },
+            ckpt,
+        )
 
     # ---- train loop
-    bar = tqdm(range(start_it, dc.iterations), desc="distill", initial=start_it, total=dc.iterations,
-               disable=not progress)
+    bar = tqdm(
+        range(start_it, dc.iterations), desc="distill", initial=start_it, total=dc.iterations, disable=not progress
+    )
     t0, losses = time.perf_counter(), []
     for it in bar:
         e = int(torch.randint(len(experts), (), generator=gen))
@@ -128,12 +139,25 @@ def distill(cfg: RunConfig, *, ds: ImageDataset | None = None, progress: bool = 
         snaps = experts[e]["snapshots"]
         start = layout.unflatten(snaps[t].to(dtype))
         target = layout.unflatten(snaps[t + dc.expert_epochs].to(dtype))
-        loss, g_img, g_lr = match_trajectory(model, start, target, images, labels, syn_lr, steps=dc.syn_steps,
-                                             batch_size=batch_syn, unroll=dc.unroll, generator=gen, augment=augment,
-                                             checkpoint_every=dc.checkpoint_every_iterate)
+        loss, g_img, g_lr = match_trajectory(
+            model,
+            start,
+            target,
+            images,
+            labels,
+            syn_lr,
+            steps=dc.syn_steps,
+            batch_size=batch_syn,
+            unroll=dc.unroll,
+            generator=gen,
+            augment=augment,
+            checkpoint_every=dc.checkpoint_every_iterate,
+        )
         if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"trajectory-matching loss is {loss.item()} at iteration {it}; lower "
-                                     f"distill.lr_images (={dc.lr_images}) or distill.lr_lr (={dc.lr_lr})")
+            raise FloatingPointError(
+                f"trajectory-matching loss is {loss.item()} at iteration {it}; lower "
+                f"distill.lr_images (={dc.lr_images}) or distill.lr_lr (={dc.lr_lr})"
+            )
         images.grad, syn_lr.grad = g_img, g_lr.reshape(syn_lr.shape)
         opt_img.step()
         opt_lr.step()
@@ -152,11 +176,21 @@ def distill(cfg: RunConfig, *, ds: ImageDataset | None = None, progress: bool = 
     bar.close()
 
     # ---- save
-    result = {"images": images.detach().clone(), "labels": labels, "lr": syn_lr.detach().clone(),
-              "config": to_dict(cfg), "mean": ds.mean, "std": ds.std}
+    result = {
+        "images": images.detach().clone(),
+        "labels": labels,
+        "lr": syn_lr.detach().clone(),
+        "config": to_dict(cfg),
+        "mean": ds.mean,
+        "std": ds.std,
+    }
     atomic_save(result, synthetic_path(cfg))
-    png = save_grid(images, ds, os.path.join(cfg.run_dir, "synthetic.png"), ipc=dc.ipc,
-                    title=f"{cfg.data.name} IPC {dc.ipc}, {dc.iterations} iterations ({dc.unroll}), "
-                          f"learned lr {syn_lr.item():.4f}")
+    png = save_grid(
+        images,
+        ds,
+        os.path.join(cfg.run_dir, "synthetic.png"),
+        ipc=dc.ipc,
+        title=f"{cfg.data.name} IPC {dc.ipc}, {dc.iterations} iterations ({dc.unroll}), learned lr {syn_lr.item():.4f}",
+    )
     log(f"synthetic set -> {synthetic_path(cfg)}, grid -> {png}")
     return result

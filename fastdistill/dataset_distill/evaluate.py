@@ -38,7 +38,7 @@ def train_and_test(cfg: RunConfig, ds: ImageDataset, x: torch.Tensor, y: torch.T
         model.train()
         perm = torch.randperm(len(y), generator=gen)
         for i in range(0, len(y), ec.batch_size):
-            idx = perm[i:i + ec.batch_size]
+            idx = perm[i : i + ec.batch_size]
             xb = x[idx]
             if ec.augment:
                 xb = diff_augment(xb, int(torch.randint(0, 2**62, (), generator=gen)))
@@ -52,9 +52,12 @@ def train_and_test(cfg: RunConfig, ds: ImageDataset, x: torch.Tensor, y: torch.T
 
 def random_subset(ds: ImageDataset, ipc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    idx = torch.cat([(ds.train_y == c).nonzero().squeeze(1)[torch.randperm(int((ds.train_y == c).sum()),
-                                                                           generator=gen)[:ipc]]
-                     for c in range(ds.num_classes)])
+    idx = torch.cat(
+        [
+            (ds.train_y == c).nonzero().squeeze(1)[torch.randperm(int((ds.train_y == c).sum()), generator=gen)[:ipc]]
+            for c in range(ds.num_classes)
+        ]
+    )
     return ds.train_x[idx], ds.train_y[idx]
 
 
@@ -71,8 +74,14 @@ def evaluate(cfg: RunConfig, *, ds: ImageDataset | None = None, progress: bool =
     syn = torch.load(path, weights_only=False)
     learned_lr = float(syn["lr"])
     rows = {}
-    jobs = [("distilled", "learned lr" if ec.use_learned_lr else "evaluate.lr",
-             learned_lr if ec.use_learned_lr else ec.lr, lambda r: (syn["images"], syn["labels"]))]
+    jobs = [
+        (
+            "distilled",
+            "learned lr" if ec.use_learned_lr else "evaluate.lr",
+            learned_lr if ec.use_learned_lr else ec.lr,
+            lambda r: (syn["images"], syn["labels"]),
+        )
+    ]
     if ec.use_learned_lr:
         jobs.append(("distilled", "evaluate.lr", ec.lr, lambda r: (syn["images"], syn["labels"])))
     jobs.append(("random real", "evaluate.lr", ec.lr, lambda r: random_subset(ds, ipc, 10_000 + r)))
@@ -87,11 +96,19 @@ def evaluate(cfg: RunConfig, *, ds: ImageDataset | None = None, progress: bool =
     bar.close()
     x_rand, _ = random_subset(ds, ipc, 10_000)
     save_grid(x_rand, ds, os.path.join(cfg.run_dir, "random_real.png"), ipc=ipc, title="random real subset")
-    result = {"dataset": cfg.data.name, "ipc": ipc, "runs": ec.runs, "epochs": ec.epochs, "learned_lr": learned_lr,
-              "results": rows}
+    result = {
+        "dataset": cfg.data.name,
+        "ipc": ipc,
+        "runs": ec.runs,
+        "epochs": ec.epochs,
+        "learned_lr": learned_lr,
+        "results": rows,
+    }
     atomic_write_text(os.path.join(cfg.run_dir, "results.json"), json.dumps(result, indent=2))
-    log(f"{cfg.data.name}, IPC {ipc}, test accuracy over {ec.runs} runs (ConvNet width {cfg.model.width}, depth "
-        f"{cfg.model.depth}, {ec.epochs} epochs):")
+    log(
+        f"{cfg.data.name}, IPC {ipc}, test accuracy over {ec.runs} runs (ConvNet width {cfg.model.width}, depth "
+        f"{cfg.model.depth}, {ec.epochs} epochs):"
+    )
     for k, v in rows.items():
         log(f"  {k:<36} {100 * v['mean']:.2f} +- {100 * v['std']:.2f} %")
     return result

@@ -30,13 +30,16 @@ def expert_path(cfg: RunConfig, k: int) -> str:
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
     model.eval()
-    correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
-                  for i in range(0, len(y), batch_size))
+    correct = sum(
+        int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
+        for i in range(0, len(y), batch_size)
+    )
     return correct / len(y)
 
 
-def train_expert(cfg: RunConfig, ds: ImageDataset, k: int, *, stop_after_epoch: int | None = None,
-                 progress: bool = True) -> dict:
+def train_expert(
+    cfg: RunConfig, ds: ImageDataset, k: int, *, stop_after_epoch: int | None = None, progress: bool = True
+) -> dict:
     """Train (or resume) expert ``k`` to ``cfg.experts.epochs`` epochs; returns its saved record.
 
     ``stop_after_epoch`` stops early (as a kill would) after that many epochs in total; used by tests.
@@ -49,25 +52,32 @@ def train_expert(cfg: RunConfig, ds: ImageDataset, k: int, *, stop_after_epoch: 
     if os.path.exists(path):
         rec = torch.load(path, weights_only=False)
         if list(rec["names"]) != list(layout.names):
-            raise RuntimeError(f"{path} holds parameters {rec['names']}, not those of this config's model; use "
-                               f"another run_dir or delete it")
+            raise RuntimeError(
+                f"{path} holds parameters {rec['names']}, not those of this config's model; use "
+                f"another run_dir or delete it"
+            )
         gen.set_state(rec["generator_state"])
         with torch.no_grad():
             for n, p in layout.unflatten(rec["snapshots"][-1]).items():
                 model.get_parameter(n).copy_(p)
     else:
-        rec = {"names": list(layout.names), "shapes": [list(s) for s in layout.shapes], "config": to_dict(cfg),
-               "snapshots": [layout.flatten(dict(model.named_parameters()))], "test_acc": []}
+        rec = {
+            "names": list(layout.names),
+            "shapes": [list(s) for s in layout.shapes],
+            "config": to_dict(cfg),
+            "snapshots": [layout.flatten(dict(model.named_parameters()))],
+            "test_acc": [],
+        }
     opt = torch.optim.SGD(model.parameters(), lr=ec.lr)  # plain SGD: no state, resuming needs only the parameters
     done = len(rec["snapshots"]) - 1
     last = ec.epochs if stop_after_epoch is None else min(ec.epochs, stop_after_epoch)
     n = len(ds.train_y)
     bar = tqdm(range(done, last), desc=f"expert {k}", initial=done, total=ec.epochs, disable=not progress)
-    for epoch in bar:
+    for _epoch in bar:
         model.train()
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n, ec.batch_size):
-            idx = perm[i:i + ec.batch_size]
+            idx = perm[i : i + ec.batch_size]
             loss = F.cross_entropy(model(ds.train_x[idx]), ds.train_y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -81,16 +91,24 @@ def train_expert(cfg: RunConfig, ds: ImageDataset, k: int, *, stop_after_epoch: 
     return rec
 
 
-def train_experts(cfg: RunConfig, *, ds: ImageDataset | None = None, progress: bool = True,
-                  stop_after_epoch: int | None = None, log: Callable[[str], None] = print) -> list[dict]:
+def train_experts(
+    cfg: RunConfig,
+    *,
+    ds: ImageDataset | None = None,
+    progress: bool = True,
+    stop_after_epoch: int | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
     ds = ds or load_dataset(cfg.data.name, cfg.data.root, cfg.data.train_subset, cfg.seed)
     os.makedirs(cfg.expert_dir, exist_ok=True)
     save_resolved(cfg, os.path.join(cfg.run_dir, "config.yaml"))
     records = []
     for k in range(cfg.experts.num_experts):
         rec = train_expert(cfg, ds, k, stop_after_epoch=stop_after_epoch, progress=progress)
-        log(f"expert {k}: {len(rec['snapshots']) - 1}/{cfg.experts.epochs} epochs, test accuracy "
-            f"{rec['test_acc'][-1] if rec['test_acc'] else float('nan'):.4f} -> {expert_path(cfg, k)}")
+        log(
+            f"expert {k}: {len(rec['snapshots']) - 1}/{cfg.experts.epochs} epochs, test accuracy "
+            f"{rec['test_acc'][-1] if rec['test_acc'] else float('nan'):.4f} -> {expert_path(cfg, k)}"
+        )
         records.append(rec)
     return records
 
@@ -101,6 +119,8 @@ def load_experts(cfg: RunConfig, min_epochs: int) -> list[dict]:
     recs = [torch.load(p, weights_only=False) for p in paths]
     recs = [r for r in recs if len(r["snapshots"]) - 1 >= min_epochs]
     if not recs:
-        raise FileNotFoundError(f"no expert with at least {min_epochs} epochs in {cfg.expert_dir!r}; run "
-                                f"`fastdistill dataset-distill experts --config ...` first")
+        raise FileNotFoundError(
+            f"no expert with at least {min_epochs} epochs in {cfg.expert_dir!r}; run "
+            f"`fastdistill dataset-distill experts --config ...` first"
+        )
     return recs

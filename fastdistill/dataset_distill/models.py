@@ -27,13 +27,19 @@ class ConvNet(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, image_size: int, *, width: int = 32, depth: int = 3):
         super().__init__()
         if image_size >> depth < 1:
-            raise ValueError(f"depth={depth} halves image_size={image_size} below 1 pixel; expected depth <= "
-                             f"{image_size.bit_length() - 1}")
+            raise ValueError(
+                f"depth={depth} halves image_size={image_size} below 1 pixel; expected depth <= "
+                f"{image_size.bit_length() - 1}"
+            )
         layers: list[nn.Module] = []
         channels, size = in_channels, image_size
         for _ in range(depth):
-            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.GroupNorm(width, width, affine=True), nn.ReLU(),
-                       nn.AvgPool2d(2)]
+            layers += [
+                nn.Conv2d(channels, width, 3, padding=1),
+                nn.GroupNorm(width, width, affine=True),
+                nn.ReLU(),
+                nn.AvgPool2d(2),
+            ]
             channels, size = width, size // 2
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(width * size * size, num_classes)
@@ -43,5 +49,6 @@ class ConvNet(nn.Module):
 
 
 def build_model(model_cfg, dataset) -> ConvNet:
-    return ConvNet(dataset.channels, dataset.num_classes, dataset.image_size, width=model_cfg.width,
-                   depth=model_cfg.depth)
+    return ConvNet(
+        dataset.channels, dataset.num_classes, dataset.image_size, width=model_cfg.width, depth=model_cfg.depth
+    )
