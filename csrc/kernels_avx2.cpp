@@ -25,6 +25,8 @@
 #include <type_traits>
 #include <vector>
 
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"  // a lambda in vec256_bfloat16.h returns __m256 (unused here)
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 // setup.py builds with -ffast-math; its reassociation would fold (x - max) - log_z back into x - lse and lose the
@@ -40,6 +42,7 @@
 #define FASTDISTILL_CPU_NS cpu_avx2
 #include "cpu_kernels_impl.h"
 #pragma GCC pop_options
+#pragma GCC diagnostic pop
 
 namespace fastdistill::cpu::cpu_avx2 {
 bool compiled() { return true; }
