@@ -89,16 +89,17 @@ def run(preset: str, *, providers_filter=None, repeats=None, csv_name="fused_lin
     for divergence in cfg["divergences"]:
         kw = dict(divergence=divergence, beta=BETA)
 
-        def eager(xs, ws, xt, wt):
+        def eager(xs, ws, xt, wt, kw=kw):
             return fused_linear_distill_loss_ref(xs, ws, xt, wt, **kw)
 
         provs = {"torch": eager}
         if cfg["compile"]:
             provs["torch.compile"] = torch.compile(eager)
-        provs["fastdistill"] = lambda xs, ws, xt, wt: FD.fused_linear_distill_loss(xs, ws, xt, wt, **kw)
+        provs["fastdistill"] = lambda xs, ws, xt, wt, kw=kw: FD.fused_linear_distill_loss(xs, ws, xt, wt, **kw)
         if divergence != "reverse_kl":
-            provs[f"fastdistill-topk{TOPK}"] = lambda xs, ws, xt, wt: FD.fused_linear_distill_loss(
-                xs, ws, teacher_topk=topk, **kw)
+            provs[f"fastdistill-topk{TOPK}"] = lambda xs, ws, xt, wt, kw=kw: FD.fused_linear_distill_loss(
+                xs, ws, teacher_topk=topk, **kw
+            )
         liger = liger_fn(divergence, device)
         if liger is not None:
             provs["liger-fused-linear-jsd"] = liger
@@ -114,8 +115,19 @@ def run(preset: str, *, providers_filter=None, repeats=None, csv_name="fused_lin
                 fn(xs, ws, xt, wt).backward()
 
             try:
-                row = C.measure("fused_linear_distill", name, "full", shape, dtype, device, step, setup=clear,
-                                repeats=repeats, warmup=1 if device.type == "cpu" else 3, extra=divergence)
+                row = C.measure(
+                    "fused_linear_distill",
+                    name,
+                    "full",
+                    shape,
+                    dtype,
+                    device,
+                    step,
+                    setup=clear,
+                    repeats=repeats,
+                    warmup=1 if device.type == "cpu" else 3,
+                    extra=divergence,
+                )
             except Exception as err:  # a provider that fails is reported, not fatal
                 print(f"  {name} {divergence}: failed: {type(err).__name__}: {err}")
                 continue
@@ -126,8 +138,10 @@ def run(preset: str, *, providers_filter=None, repeats=None, csv_name="fused_lin
             clear()
     if device.type == "cuda" and rows:
         rate = matmul_tflops(N, H, V, dtype, device)
-        print(f"# measured matmul rate ([{N},{H}] x [{H},{V}] {cfg['dtype']}): {rate:.0f} TFLOP/s; the four-matmul "
-              f"floor is {4 * 2 * N * H * V / rate / 1e9:.1f} ms")
+        print(
+            f"# measured matmul rate ([{N},{H}] x [{H},{V}] {cfg['dtype']}): {rate:.0f} TFLOP/s; the four-matmul "
+            f"floor is {4 * 2 * N * H * V / rate / 1e9:.1f} ms"
+        )
         for r in rows:
             tf = 4 * 2 * N * H * V / (r.median_ms / 1e3) / 1e12
             r.extra += f" TFLOP/s={tf:.0f} ({100 * tf / rate:.0f}% of matmul)"
@@ -141,8 +155,11 @@ def run(preset: str, *, providers_filter=None, repeats=None, csv_name="fused_lin
             if len(cfg["divergences"]) > 1:
                 r.provider = f"{r.provider}:{d}"
     path = C.write_csv(rows, csv_name) if rows else None
-    png = (C.plot(rows, csv_name + f"_{preset}", title=f"fused_linear_distill ({preset}, {C.device_name(device)})")
-           if plot and rows else None)
+    png = (
+        C.plot(rows, csv_name + f"_{preset}", title=f"fused_linear_distill ({preset}, {C.device_name(device)})")
+        if plot and rows
+        else None
+    )
     print(f"\nrows appended to {path}" + (f"; plot {png}" if png else ""))
     return rows
 
@@ -155,9 +172,11 @@ def main(argv=None):
     p.add_argument("--csv", default="fused_linear_distill", help="CSV / plot name under benchmarks/results/")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, help="torch CPU threads for every provider (default: torch's choice)")
     a = p.parse_args(argv)
-    run(a.preset, providers_filter=a.providers, repeats=a.repeats, csv_name=a.csv, plot=not a.no_plot,
-        device=a.device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    run(a.preset, providers_filter=a.providers, repeats=a.repeats, csv_name=a.csv, plot=not a.no_plot, device=a.device)
 
 
 if __name__ == "__main__":

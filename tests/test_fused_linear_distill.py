@@ -9,14 +9,13 @@ import sys
 
 import pytest
 import torch
+from conftest import DEVICE, available_backends
 
 import fastdistill.functional as FD
 from fastdistill import nn as fdnn
 from fastdistill.ops import fused_linear_distill as _op
 from fastdistill.ops.fused_linear_distill_ref import fused_linear_distill_loss_ref
 from fastdistill.reference import DIVERGENCES
-
-from conftest import DEVICE, available_backends
 
 BACKENDS = available_backends(DEVICE, cpp_op="distill_loss_rows", cuda_op="distill_loss_rows")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,8 +29,12 @@ def _problem(N=41, Hs=24, Ht=40, Vs=401, Vt=389, k=9, dtype=torch.float64, bias=
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(DEVICE, dtype)
 
     p = dict(
-        xs=rnd(N, Hs), ws=rnd(Vs, Hs, scale=Hs**-0.5 * 2), bs=rnd(Vs, scale=0.5) if bias else None,
-        xt=rnd(N, Ht), wt=rnd(Vt, Ht, scale=Ht**-0.5 * 2), bt=rnd(Vt, scale=0.5) if bias else None,
+        xs=rnd(N, Hs),
+        ws=rnd(Vs, Hs, scale=Hs**-0.5 * 2),
+        bs=rnd(Vs, scale=0.5) if bias else None,
+        xt=rnd(N, Ht),
+        wt=rnd(Vt, Ht, scale=Ht**-0.5 * 2),
+        bt=rnd(Vt, scale=0.5) if bias else None,
     )
     labels = torch.randint(0, Vs, (N,), generator=g)
     if ignore_every:
@@ -199,8 +202,15 @@ def test_float32_and_tied_embedding_module():
     loss.backward()
     emb64 = emb.weight.detach().double().requires_grad_()
     ref = fused_linear_distill_loss_ref(
-        torch.tanh(emb64[tokens]), emb64, p["xt"], p["wt"], p["labels"], divergence="jsd", hard_weight=0.5,
-        soft_weight=0.5, temperature=2.0,
+        torch.tanh(emb64[tokens]),
+        emb64,
+        p["xt"],
+        p["wt"],
+        p["labels"],
+        divergence="jsd",
+        hard_weight=0.5,
+        soft_weight=0.5,
+        temperature=2.0,
     )
     ref.backward()
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
@@ -212,8 +222,9 @@ def test_bf16_accum_fp32_no_worse_than_torch():
     ref = _run(fused_linear_distill_loss_ref, p, _teacher(p, "dense", 1.0), hard_weight=0.5)
     lp = {k: (v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in p.items()}
     torch_bf16 = _run(fused_linear_distill_loss_ref, lp, _teacher(lp, "dense", 1.0), hard_weight=0.5)
-    ours = _run(FD.fused_linear_distill_loss, lp, _teacher(lp, "dense", 1.0), hard_weight=0.5, accum_fp32=True,
-                chunk_size=16)
+    ours = _run(
+        FD.fused_linear_distill_loss, lp, _teacher(lp, "dense", 1.0), hard_weight=0.5, accum_fp32=True, chunk_size=16
+    )
     for o, t, r in zip(ours, torch_bf16, ref):
         err_o = (o.double() - r).abs().max().item()
         err_t = (t.double() - r).abs().max().item()
@@ -297,9 +308,24 @@ def test_torch_compile_fullgraph(mode):
 
 def test_opcheck():
     p = _problem(N=12, Vs=50, Vt=50, k=4, dtype=torch.float32, seed=29)
-    base = dict(divergence=0, beta=0.5, temperature=1.5, hard_weight=0.5, soft_weight=1.0, ignore_index=-100,
-                reduction=2, scale_by_t2=True, topk_tail=0, topk_logits=False, chunk_size=5, accum_fp32=False, need_grad_hidden=True,
-                need_grad_weight=True, need_grad_bias=True, backend="torch")
+    base = dict(
+        divergence=0,
+        beta=0.5,
+        temperature=1.5,
+        hard_weight=0.5,
+        soft_weight=1.0,
+        ignore_index=-100,
+        reduction=2,
+        scale_by_t2=True,
+        topk_tail=0,
+        topk_logits=False,
+        chunk_size=5,
+        accum_fp32=False,
+        need_grad_hidden=True,
+        need_grad_weight=True,
+        need_grad_bias=True,
+        backend="torch",
+    )
     xs = p["xs"].clone().requires_grad_()
     ws = p["ws"].clone().requires_grad_()
     bs = p["bs"].clone().requires_grad_()
@@ -314,7 +340,10 @@ def test_benchmark_smoke(tmp_path):
     env = dict(os.environ, FASTDISTILL_BENCH_RESULTS=str(tmp_path))
     out = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "bench_fused_linear_distill.py"), "--preset", "smoke"],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "fastdistill" in out.stdout

@@ -243,7 +243,9 @@ def fused_linear_distill_loss(
         if labels.numel() != N or (labels.dim() > 1 and labels.shape != lead_shape):
             raise ValueError(f"labels has shape {tuple(labels.shape)}; expected {tuple(lead_shape)} or ({N},)")
         if labels.device != device:
-            raise ValueError(f"labels is on {labels.device} but student_hidden is on {device}; expected the same device")
+            raise ValueError(
+                f"labels is on {labels.device} but student_hidden is on {device}; expected the same device"
+            )
         labels = labels.reshape(N).long()
         if hard_weight != 0 and not compiling:  # value checks need a host sync; skipped under torch.compile
             lab = labels[labels != ignore_index]

@@ -35,6 +35,7 @@ renormalized teacher is infinite (the student has mass where the teacher has non
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -42,7 +43,7 @@ import torch
 from fastdistill import _backend
 from fastdistill.ops import distill_loss as _dl
 from fastdistill.ops._autograd import is_exactly_one
-from fastdistill.reference import DIVERGENCES, REDUCTIONS, divergence_rows
+from fastdistill.reference import DIVERGENCES, divergence_rows
 
 DIVERGENCE_ID = _dl.DIVERGENCE_ID
 REDUCTION_ID = _dl.REDUCTION_ID
@@ -59,8 +60,8 @@ def choose_chunk_size(n_rows: int, v_student: int, v_teacher: int, hidden: int, 
 
     The chunk's logits block (student + teacher, fp32 math) is kept near 64 MiB on CPU (256 rows at V = 32000: the
     per-chunk dW update re-reads the [V, H] accumulator, so fewer, larger chunks are faster; 4x larger gained nothing
-    in a 1-thread measurement) and at most 1/16 of free memory (capped at 512 MiB) on CUDA; rows are also kept at least as many
-    as ``hidden / 8`` so the three matmuls per chunk stay large enough to run near the device's matmul rate.
+    in a 1-thread measurement) and at most 1/16 of free memory (capped at 512 MiB) on CUDA; rows are also kept at
+    least as many as ``hidden / 8`` so the matmuls per chunk stay large enough to run near the device's matmul rate.
     """
     row_bytes = 4 * (v_student + v_teacher)
     if device.type == "cuda":
@@ -150,15 +151,33 @@ def bucket_divergence_and_grad(ls: torch.Tensor, lq: torch.Tensor, divergence: i
             lm = l_ if beta == 0.0 else torch.logaddexp(lq_ + math.log(beta), l_ + math.log1p(-beta))
             g = -(1 - beta) * q * torch.exp(l_ - lm)
     else:  # skew_reverse_kl: m = beta p + (1 - beta) q
-        lm = l_ if beta == 1.0 else (lq_ if beta == 0.0 else torch.logaddexp(l_ + math.log(beta), lq_ + math.log1p(-beta)))
+        lm = (
+            l_
+            if beta == 1.0
+            else (lq_ if beta == 0.0 else torch.logaddexp(l_ + math.log(beta), lq_ + math.log1p(-beta)))
+        )
         g = p * (l_ - lm - beta * torch.exp(l_ - lm))
     if name != "forward_kl":
         g = torch.where(keep, g, zero)
     return rows, g
 
 
-def _topk_chunk_torch(s32, values, indices, labels, divergence, beta, temperature, tail, topk_logits, soft_scale,
-                      loss_scale, hard_scale, need_soft, need_hard):
+def _topk_chunk_torch(
+    s32,
+    values,
+    indices,
+    labels,
+    divergence,
+    beta,
+    temperature,
+    tail,
+    topk_logits,
+    soft_scale,
+    loss_scale,
+    hard_scale,
+    need_soft,
+    need_hard,
+):
     """Top-k chunk in torch. The student's softmax at T is computed once and turned into dlogits in place; at T = 1
     the cross-entropy term shares it (its logsumexp and its probabilities), so the chunk sees ~3 passes over [C, Vs].
     """
@@ -205,8 +224,22 @@ def _topk_chunk_torch(s32, values, indices, labels, divergence, beta, temperatur
     return ce_rows, soft_rows, dlogits
 
 
-def _topk_chunk_triton(s, values, indices, labels, divergence, beta, temperature, tail, topk_logits, soft_scale,
-                       loss_scale, hard_scale, need_soft, need_hard):
+def _topk_chunk_triton(
+    s,
+    values,
+    indices,
+    labels,
+    divergence,
+    beta,
+    temperature,
+    tail,
+    topk_logits,
+    soft_scale,
+    loss_scale,
+    hard_scale,
+    need_soft,
+    need_hard,
+):
     """Top-k chunk with the Triton kernels: pass 1 (softmax stats at T and 1, exact tail mass), the small bucket
     divergence in torch, pass 2 (dlogits over the vocabulary)."""
     from fastdistill.ops.fused_linear_distill_triton import topk_grad, topk_stats
@@ -231,13 +264,27 @@ def _topk_chunk_triton(s, values, indices, labels, divergence, beta, temperature
         G, a, g_k = zero, zero, torch.zeros(C, k, device=s.device, dtype=torch.float32)
     if need_hard:
         ce_rows = lse1 - s.gather(1, labels[:, None]).squeeze(1).float()
-    dlogits = topk_grad(s, indices, g_k, G, a, lseT, lse1 if need_hard else zero, labels, T, hard_scale, need_soft,
-                        need_hard)
+    dlogits = topk_grad(
+        s, indices, g_k, G, a, lseT, lse1 if need_hard else zero, labels, T, hard_scale, need_soft, need_hard
+    )
     return ce_rows, soft_rows, dlogits
 
 
-def _dense_chunk(s, t, labels, divergence, beta, temperature, soft_scale, loss_scale, hard_scale, need_soft, need_hard,
-                 need_grad, soft_backend):
+def _dense_chunk(
+    s,
+    t,
+    labels,
+    divergence,
+    beta,
+    temperature,
+    soft_scale,
+    loss_scale,
+    hard_scale,
+    need_soft,
+    need_hard,
+    need_grad,
+    soft_backend,
+):
     """Dense teacher chunk: the row kernel on the common vocabulary prefix, CE on the same logits."""
     Vc = min(s.shape[1], t.shape[1]) if t is not None else s.shape[1]
     soft_rows = ce_rows = None
@@ -245,7 +292,16 @@ def _dense_chunk(s, t, labels, divergence, beta, temperature, soft_scale, loss_s
     if need_soft:
         grad_scale = torch.full((1,), soft_scale, dtype=torch.float32, device=s.device)
         soft_rows, g_soft = _dl.distill_loss_rows(
-            s[:, :Vc], t[:, :Vc], None, grad_scale, divergence, beta, temperature, -100, loss_scale, need_grad,
+            s[:, :Vc],
+            t[:, :Vc],
+            None,
+            grad_scale,
+            divergence,
+            beta,
+            temperature,
+            -100,
+            loss_scale,
+            need_grad,
             soft_backend,
         )
     if need_hard:
@@ -269,6 +325,13 @@ def _dense_chunk(s, t, labels, divergence, beta, temperature, soft_scale, loss_s
 # ---------------------------------------------------------------------------------------------------------------------
 # The op
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def _take_rows(x: torch.Tensor | None, rows: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    """The chunk's rows of ``x``: a gather of the valid rows (ignored ones compacted away) or a plain slice."""
+    if x is None:
+        return None
+    return x.index_select(0, rows) if rows is not None else x[start:stop]
 
 
 def fused_linear_distill_forward(
@@ -343,18 +406,26 @@ def fused_linear_distill_forward(
     for start in range(0, n_valid, chunk_size):
         stop = min(start + chunk_size, n_valid)
         rows = valid_idx[start:stop] if valid_idx is not None else None
-
-        def take(x):
-            if x is None:
-                return None
-            return x.index_select(0, rows) if rows is not None else x[start:stop]
-
+        take = functools.partial(_take_rows, rows=rows, start=start, stop=stop)
         X_c = take(X)
         lab_c = take(labels)
         s = torch.nn.functional.linear(X_c, W, student_bias)  # [C, Vs]
         if sparse:
-            args = (take(topk_values), take(topk_indices), lab_c, divergence, beta, temperature, topk_tail,
-                    topk_logits, soft_scale, loss_scale, hard_scale, need_soft, need_hard)
+            args = (
+                take(topk_values),
+                take(topk_indices),
+                lab_c,
+                divergence,
+                beta,
+                temperature,
+                topk_tail,
+                topk_logits,
+                soft_scale,
+                loss_scale,
+                hard_scale,
+                need_soft,
+                need_hard,
+            )
             if k_backend == "triton":
                 ce_rows, soft_rows, dlogits = _topk_chunk_triton(s, *args)
             else:
@@ -365,8 +436,19 @@ def fused_linear_distill_forward(
                 with torch.no_grad():
                     t = torch.nn.functional.linear(take(teacher_hidden), teacher_weight, teacher_bias).to(dtype)
             ce_rows, soft_rows, dlogits = _dense_chunk(
-                s, t, lab_c, divergence, beta, temperature, soft_scale, loss_scale, hard_scale, need_soft, need_hard,
-                need_grad, soft_backend,
+                s,
+                t,
+                lab_c,
+                divergence,
+                beta,
+                temperature,
+                soft_scale,
+                loss_scale,
+                hard_scale,
+                need_soft,
+                need_hard,
+                need_grad,
+                soft_backend,
             )
             del t
         del s
@@ -435,16 +517,62 @@ def fused_linear_distill_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, ce, soft, grad_hidden, grad_weight, grad_bias); inputs already validated by the functional API."""
     return fused_linear_distill_forward(
-        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, topk_values,
-        topk_indices, labels, divergence, beta, temperature, hard_weight, soft_weight, ignore_index, reduction,
-        scale_by_t2, topk_tail, topk_logits, chunk_size, accum_fp32, need_grad_hidden, need_grad_weight, need_grad_bias, backend,
+        student_hidden,
+        student_weight,
+        student_bias,
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        topk_values,
+        topk_indices,
+        labels,
+        divergence,
+        beta,
+        temperature,
+        hard_weight,
+        soft_weight,
+        ignore_index,
+        reduction,
+        scale_by_t2,
+        topk_tail,
+        topk_logits,
+        chunk_size,
+        accum_fp32,
+        need_grad_hidden,
+        need_grad_weight,
+        need_grad_bias,
+        backend,
     )
 
 
 @fused_linear_distill_op.register_fake
-def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, topk_values,
-      topk_indices, labels, divergence, beta, temperature, hard_weight, soft_weight, ignore_index, reduction,
-      scale_by_t2, topk_tail, topk_logits, chunk_size, accum_fp32, need_grad_hidden, need_grad_weight, need_grad_bias, backend):
+def _(
+    student_hidden,
+    student_weight,
+    student_bias,
+    teacher_hidden,
+    teacher_weight,
+    teacher_bias,
+    topk_values,
+    topk_indices,
+    labels,
+    divergence,
+    beta,
+    temperature,
+    hard_weight,
+    soft_weight,
+    ignore_index,
+    reduction,
+    scale_by_t2,
+    topk_tail,
+    topk_logits,
+    chunk_size,
+    accum_fp32,
+    need_grad_hidden,
+    need_grad_weight,
+    need_grad_bias,
+    backend,
+):
     N = student_hidden.shape[0]
     shape = (N,) if reduction == REDUCTION_ID["none"] else ()
     loss = student_hidden.new_empty(shape, dtype=torch.float32)

@@ -80,7 +80,13 @@ def fused_linear_distill_loss_ref(
     if teacher_topk is not None:
         values, indices = teacher_topk
         soft_rows = topk_divergence_rows(
-            s, values.reshape(N, -1), indices.reshape(N, -1).long(), divergence, beta, temperature, topk_tail,
+            s,
+            values.reshape(N, -1),
+            indices.reshape(N, -1).long(),
+            divergence,
+            beta,
+            temperature,
+            topk_tail,
             topk_values,
         )
         soft_rows = soft_rows * (temperature**2 if scale_by_t2 else 1.0)
@@ -89,7 +95,12 @@ def fused_linear_distill_loss_ref(
             t = F.linear(teacher_hidden.reshape(N, -1), teacher_weight, teacher_bias).to(s.dtype)
         Vc = min(Vs, t.shape[-1])  # padding mismatch: both softmaxes over the common prefix
         soft_rows = distill_loss(
-            s[:, :Vc], t[:, :Vc], divergence=divergence, beta=beta, temperature=temperature, reduction="none",
+            s[:, :Vc],
+            t[:, :Vc],
+            divergence=divergence,
+            beta=beta,
+            temperature=temperature,
+            reduction="none",
             scale_by_t2=scale_by_t2,
         )
     else:

@@ -33,8 +33,20 @@ def topk_stats(s: torch.Tensor, indices: torch.Tensor, temperature: float, need_
         return lse_t, lse_1[:0], log_tail
     block_v, block_k, num_warps = _blocks(V, K, s.device)
     topk_stats_kernel[(C,)](
-        s, indices, lse_t, lse_1, log_tail, s.stride(0), indices.stride(0), V, K, 1.0 / temperature,
-        HAS_CE=need_ce, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps,
+        s,
+        indices,
+        lse_t,
+        lse_1,
+        log_tail,
+        s.stride(0),
+        indices.stride(0),
+        V,
+        K,
+        1.0 / temperature,
+        HAS_CE=need_ce,
+        BLOCK_V=block_v,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
     )
     return lse_t, lse_1, log_tail
 
@@ -50,8 +62,27 @@ def topk_grad(s, indices, g_k, big_g, a, lse_t, lse_1, labels, temperature, hard
     label = labels if (need_ce and labels is not None) else indices[:, 0]
     block_v, block_k, num_warps = _blocks(V, K, s.device)
     topk_grad_kernel[(C,)](
-        s, indices, g_k, big_g.float().contiguous(), a.float().contiguous(), lse_t, lse_1, label.contiguous(), out,
-        s.stride(0), indices.stride(0), g_k.stride(0), out.stride(0), V, K, 1.0 / temperature, float(hard_scale),
-        HAS_SOFT=need_soft, HAS_CE=need_ce, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps,
+        s,
+        indices,
+        g_k,
+        big_g.float().contiguous(),
+        a.float().contiguous(),
+        lse_t,
+        lse_1,
+        label.contiguous(),
+        out,
+        s.stride(0),
+        indices.stride(0),
+        g_k.stride(0),
+        out.stride(0),
+        V,
+        K,
+        1.0 / temperature,
+        float(hard_scale),
+        HAS_SOFT=need_soft,
+        HAS_CE=need_ce,
+        BLOCK_V=block_v,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
     )
     return out
