@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export DS_BUILD_OPS := 0
 PYTEST_ARGS ?=
 
-.PHONY: all install test demo bench gpu-check nvcc-check lint clean
+.PHONY: all install ext test demo bench bench-trainer gpu-check nvcc-check lint clean
 
 all: test
 
@@ -46,17 +46,27 @@ ext: install
 test: install
 	$(PY) -m pytest tests -q -ra $(PYTEST_ARGS)
 
+# the main job on its embedded default: SmolLM2-135M-Instruct -> a 6-layer student, held-out perplexity before / after
 demo: install
-	$(PY) benchmarks/bench_distill_loss.py --preset demo
+	$(BIN)/fastdistill train --config configs/demo_smollm2.yaml
 
+# kernel and trainer microbenchmarks on this machine (CPU presets; rows appended to benchmarks/results/*.csv)
 bench: install
-	$(PY) benchmarks/bench_distill_loss.py
+	$(PY) benchmarks/bench_distill_loss.py --preset cpu
+	$(PY) benchmarks/bench_fused_linear_distill.py --preset cpu
+	$(PY) benchmarks/bench_attention_distill.py --preset cpu
+
+bench-trainer: install
+	$(PY) -m pip install -q trl
+	$(PY) benchmarks/bench_trainer.py --preset cpu
 
 # On a machine with a GPU: the CUDA tests and the GPU benchmarks in one call; CSVs land in benchmarks/results/
 gpu-check: install
 	$(PY) -c "import torch; assert torch.cuda.is_available(), 'gpu-check needs a CUDA device'; print(torch.cuda.get_device_name())"
 	FASTDISTILL_TEST_DEVICE=cuda $(PY) -m pytest tests -q -ra -m "not cpu_only" $(PYTEST_ARGS)
 	$(PY) benchmarks/bench_distill_loss.py --preset gpu
+	$(PY) benchmarks/bench_fused_linear_distill.py --preset gpu
+	$(PY) benchmarks/bench_attention_distill.py --preset gpu
 
 # compile-only check of the CUDA sources with the machine's nvcc (skipped where there is none)
 nvcc-check: install
