@@ -287,6 +287,8 @@ std::tuple<at::Tensor, at::Tensor> distill_loss_rows_cuda(const at::Tensor& stud
   at::Tensor grad = need_grad ? at::empty({n_rows, vocab}, student.options()) : at::empty({0}, student.options());
   if (n_rows == 0) return {loss, grad};
   if (vocab == 0) return {loss.zero_(), grad};
+  TORCH_CHECK(n_rows <= 2147483647, "student has ", n_rows, " rows; the CUDA kernel takes at most 2^31 - 1 (one block "
+              "per row)");
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "distill_loss_rows_cuda", [&] {
     launch_forward_kl<scalar_t>(student, teacher, labels.has_value() ? labels_i64.data_ptr<int64_t>() : nullptr,
