@@ -11,6 +11,10 @@
 //            sum exp(s' - ms) (s' - t') with the same rescaling, which gives their loss without another pass.
 //   pass 2   KL: the gradient. JSD / TVD / skew KL: the loss and S = sum_k ps_k a_k, with a = dL / dps.
 //   pass 3   JSD / TVD / skew KL: the gradient dL/ds'_j = ps_j (a_j - S).
+// The forward KL with a gradient (the common training case) runs forward_kl_row_cached instead: pass 1 goes block by
+// block (max, then exp) and keeps its exps, so pass 2 needs no exp at all.
+// log p is always formed as (x' - max) - log(sum), never x' - lse in float32, which would lose ~1e-4 for logits of
+// 1e4 (the kernel files turn off -ffast-math's reassociation so the compiler keeps that order).
 // Terms with a zero probability are 0 ("0 where p == 0"), so -inf at the same entries of both rows (a masked
 // vocabulary) gives a finite loss and a zero gradient there. NaN or +inf anywhere in a row gives a NaN loss and a
 // NaN gradient row.
