@@ -37,16 +37,35 @@ def capability(request, monkeypatch):
     return request.param
 
 
-def rows_op(student, teacher, labels=None, grad_scale=1.0, divergence=0, beta=0.5, temperature=1.0, loss_scale=1.0,
-            need_grad=True, ignore_index=IGNORE):
+def rows_op(
+    student,
+    teacher,
+    labels=None,
+    grad_scale=1.0,
+    divergence=0,
+    beta=0.5,
+    temperature=1.0,
+    loss_scale=1.0,
+    need_grad=True,
+    ignore_index=IGNORE,
+):
     scale = torch.tensor([grad_scale], dtype=torch.float32)
     return torch.ops.fastdistill.distill_loss_rows(
         student, teacher, labels, scale, divergence, beta, temperature, ignore_index, loss_scale, need_grad
     )
 
 
-def reference_rows(student, teacher, labels=None, grad_scale=1.0, divergence=0, beta=0.5, temperature=1.0,
-                   loss_scale=1.0, ignore_index=IGNORE):
+def reference_rows(
+    student,
+    teacher,
+    labels=None,
+    grad_scale=1.0,
+    divergence=0,
+    beta=0.5,
+    temperature=1.0,
+    loss_scale=1.0,
+    ignore_index=IGNORE,
+):
     """(loss rows, grad_scale * d sum(rows) / d student) of the float64 reference."""
     name = DIVERGENCES[divergence]
     if name == "jsd" and beta in (0.0, 1.0):
@@ -375,7 +394,9 @@ def test_opcheck_row_ops():
     torch.library.opcheck(
         torch.ops.fastdistill.distill_loss_rows.default, (s, t, labels, scale, 2, 0.5, 2.0, IGNORE, 4.0, True)
     )
-    torch.library.opcheck(torch.ops.fastdistill.distill_loss_rows.default, (s, t, None, scale, 0, 0.0, 1.0, IGNORE, 1.0, False))
+    torch.library.opcheck(
+        torch.ops.fastdistill.distill_loss_rows.default, (s, t, None, scale, 0, 0.0, 1.0, IGNORE, 1.0, False)
+    )
     target = torch.randn(5, 67).softmax(-1)
     torch.library.opcheck(torch.ops.fastdistill.kl_div_rows.default, (s.log_softmax(-1), target, scale, False, True))
 
