@@ -44,7 +44,7 @@ def extensions():
         and (torch.cuda.is_available() or _flag("FASTDISTILL_FORCE_CUDA"))
     )
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    cxx = ["-O3", "-std=c++17", "-march=x86-64-v2", "-ffast-math", "-fno-finite-math-only"] + openmp
+    cxx = ["-O3", "-std=c++20", "-march=x86-64-v2", "-ffast-math", "-fno-finite-math-only"] + openmp
     if os.uname().machine != "x86_64":
         cxx.remove("-march=x86-64-v2")
     macros = [("WITH_CUDA", None)] if with_cuda else []
@@ -53,7 +53,7 @@ def extensions():
             "fastdistill._C",
             cpp + cu,
             define_macros=macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++17", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++20", "-lineinfo"]},
             extra_link_args=openmp,
         )
     else:

@@ -84,7 +84,7 @@ def _nvcc_command(src: str, obj: str) -> list[str]:
 
     cmd = [
         shutil.which("nvcc"),
-        "-std=c++17",
+        "-std=c++20",
         "-O3",
         "--use_fast_math",
         "--expt-relaxed-constexpr",

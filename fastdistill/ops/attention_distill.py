@@ -247,6 +247,7 @@ def _(student_q, student_k, teacher_q, teacher_k, attention_mask, causal, ss, st
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # the dq / dk outputs get no gradient: no zero q / k-sized tensors in backward
     sq, sk, tq, tk, mask, causal, ss, st, reduction, need_grad, backend = inputs
     ctx.reduction, ctx.need_grad = reduction, need_grad
     ctx.args = (causal, ss, st, backend)

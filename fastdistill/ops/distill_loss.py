@@ -172,6 +172,9 @@ def _(student, teacher, labels, divergence, beta, temperature, ignore_index, sca
 
 
 def _setup_context(ctx, inputs, output):
+    # the second output (the precomputed gradient) never gets a gradient itself: without this, autograd would
+    # materialize a zero [N, V] tensor for it in backward
+    ctx.set_materialize_grads(False)
     student, reduction = inputs[0], inputs[8]
     ctx.reduction = reduction
     ctx.student_shape = student.shape

@@ -586,6 +586,9 @@ def _(
 
 
 def _setup_context(ctx, inputs, output):
+    # only the loss output is differentiated (ce / soft are returned detached, the gradients are not differentiable):
+    # without this, autograd would materialize zero tensors of the student's hidden and weight sizes in backward
+    ctx.set_materialize_grads(False)
     ctx.reduction = inputs[15]
     ctx.weight_dtype = inputs[1].dtype
     ctx.bias_dtype = inputs[2].dtype if inputs[2] is not None else None

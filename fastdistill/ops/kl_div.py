@@ -68,6 +68,9 @@ def _(input, target, reduction, log_target, need_grad, backend):
 
 
 def _setup_context(ctx, inputs, output):
+    # the second output (the precomputed gradient) never gets a gradient itself: without this, autograd would
+    # materialize a zero [N, V] tensor for it in backward
+    ctx.set_materialize_grads(False)
     ctx.shape = inputs[0].shape
     ctx.save_for_backward(output[1])
 
