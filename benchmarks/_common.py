@@ -36,8 +36,9 @@ def git_sha() -> str:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
         sha = out.stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except OSError:
         return "unknown"
@@ -54,8 +55,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, repeats: int = 5,
-            setup: Callable[[], object] | None = None) -> list[float]:
+def time_fn(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    warmup: int = 2,
+    repeats: int = 5,
+    setup: Callable[[], object] | None = None,
+) -> list[float]:
     """Wall times in ms of ``fn()`` (``setup()`` runs untimed before each call, e.g. to clear grads)."""
     times = []
     for i in range(warmup + repeats):
@@ -118,15 +125,37 @@ class Row:
     date: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
 
 
-def measure(bench: str, provider: str, mode: str, shape: str, dtype: torch.dtype, device: torch.device,
-            fn: Callable[[], object], *, setup: Callable[[], object] | None = None, warmup: int = 2,
-            repeats: int = 5, extra: str = "") -> Row:
+def measure(
+    bench: str,
+    provider: str,
+    mode: str,
+    shape: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    fn: Callable[[], object],
+    *,
+    setup: Callable[[], object] | None = None,
+    warmup: int = 2,
+    repeats: int = 5,
+    extra: str = "",
+) -> Row:
     if setup is not None:
         setup()
     peak = peak_memory_bytes(fn, device)
     times = time_fn(fn, device, warmup=warmup, repeats=repeats, setup=setup)
-    return Row(bench, provider, mode, shape, str(dtype).replace("torch.", ""), statistics.median(times), min(times),
-               max(times), peak / 2**20, device_name(device), extra)
+    return Row(
+        bench,
+        provider,
+        mode,
+        shape,
+        str(dtype).replace("torch.", ""),
+        statistics.median(times),
+        min(times),
+        max(times),
+        peak / 2**20,
+        device_name(device),
+        extra,
+    )
 
 
 def write_csv(rows: list[Row], name: str) -> str:
@@ -150,11 +179,15 @@ def print_table(rows: list[Row], baseline: str | None = None) -> None:
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        line = (f"{r.provider:<22}{r.mode:<10}{r.shape:<22}{r.dtype:<10}{r.median_ms:>11.2f}{r.min_ms:>9.2f}"
-                f"{r.max_ms:>9.2f}{r.peak_mib:>10.1f}")
+        line = (
+            f"{r.provider:<22}{r.mode:<10}{r.shape:<22}{r.dtype:<10}{r.median_ms:>11.2f}{r.min_ms:>9.2f}"
+            f"{r.max_ms:>9.2f}{r.peak_mib:>10.1f}"
+        )
         b = base.get((r.mode, r.shape, r.dtype))
         if baseline and b is not None:
-            line += f"{b.median_ms / r.median_ms:>8.2f}x{(r.peak_mib / b.peak_mib if b.peak_mib else float('nan')):>8.2f}"
+            line += (
+                f"{b.median_ms / r.median_ms:>8.2f}x{(r.peak_mib / b.peak_mib if b.peak_mib else float('nan')):>8.2f}"
+            )
         print(line)
 
 

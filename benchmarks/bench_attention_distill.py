@@ -32,10 +32,20 @@ from fastdistill.ops import attention_distill as _att  # noqa: E402
 
 PRESETS = {
     "smoke": dict(B=1, H=2, Ls=[256], D=32, dtypes=["float32"], modes=["full"], repeats=2, compile=False, causal=False),
-    "cpu": dict(B=2, H=8, Ls=[2048], D=64, dtypes=["float32"], modes=["forward", "full"], repeats=3, compile=False,
-                causal=False),
-    "gpu": dict(B=2, H=8, Ls=[1024, 2048, 4096, 8192], D=64, dtypes=["bfloat16", "float32"], modes=["forward", "full"],
-                repeats=10, compile=True, causal=False),
+    "cpu": dict(
+        B=2, H=8, Ls=[2048], D=64, dtypes=["float32"], modes=["forward", "full"], repeats=3, compile=False, causal=False
+    ),
+    "gpu": dict(
+        B=2,
+        H=8,
+        Ls=[1024, 2048, 4096, 8192],
+        D=64,
+        dtypes=["bfloat16", "float32"],
+        modes=["forward", "full"],
+        repeats=10,
+        compile=True,
+        causal=False,
+    ),
 }
 
 
@@ -67,8 +77,17 @@ def providers(device, causal, use_compile):
     return out
 
 
-def run(preset: str, *, providers_filter=None, repeats=None, use_compile=None, causal=None, device=None,
-        csv_name="attention_distill", plot=True):
+def run(
+    preset: str,
+    *,
+    providers_filter=None,
+    repeats=None,
+    use_compile=None,
+    causal=None,
+    device=None,
+    csv_name="attention_distill",
+    plot=True,
+):
     cfg = PRESETS[preset]
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     repeats = repeats or cfg["repeats"]
@@ -96,8 +115,18 @@ def run(preset: str, *, providers_filter=None, repeats=None, use_compile=None, c
                     else:
                         run_fn, setup = (lambda: fn(sq, sk, tq, tk).backward()), clear
                     try:
-                        row = C.measure("attention_distill", name, mode, f"{B}x{H}x{L}x{D}", dtype, device, run_fn,
-                                        setup=setup, repeats=repeats, extra="causal" if causal else "")
+                        row = C.measure(
+                            "attention_distill",
+                            name,
+                            mode,
+                            f"{B}x{H}x{L}x{D}",
+                            dtype,
+                            device,
+                            run_fn,
+                            setup=setup,
+                            repeats=repeats,
+                            extra="causal" if causal else "",
+                        )
                     except Exception as err:  # e.g. out of memory for the materialized maps at long L
                         print(f"  {name} {mode} L={L} {dtype_name}: failed: {type(err).__name__}: {err}")
                         if device.type == "cuda":
@@ -116,7 +145,6 @@ def run(preset: str, *, providers_filter=None, repeats=None, use_compile=None, c
                             _att.TORCH_CPU_THREADS = True
                         row.extra = (row.extra + " peak=serial path").strip()
                     rows.append(row)
-                    del sq, sk
     C.print_table(rows, baseline="torch")
     if rows:
         print("csv:", C.write_csv(rows, csv_name))
@@ -135,8 +163,15 @@ def main(argv=None):
     p.add_argument("--device")
     p.add_argument("--no-plot", dest="plot", action="store_false")
     args = p.parse_args(argv)
-    run(args.preset, providers_filter=args.providers, repeats=args.repeats, use_compile=args.use_compile,
-        causal=args.causal, device=args.device, plot=args.plot)
+    run(
+        args.preset,
+        providers_filter=args.providers,
+        repeats=args.repeats,
+        use_compile=args.use_compile,
+        causal=args.causal,
+        device=args.device,
+        plot=args.plot,
+    )
 
 
 if __name__ == "__main__":

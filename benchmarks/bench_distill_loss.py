@@ -27,22 +27,48 @@ from fastdistill import _backend  # noqa: E402
 from fastdistill import reference as R  # noqa: E402
 
 PRESETS = {
-    "smoke": dict(shapes=[(64, 1000)], dtype="float32", divergences=["forward_kl"], modes=["full"], repeats=2,
-                  compile=False),
-    "cpu": dict(shapes=[(4096, 32000)], dtype="float32", divergences=["forward_kl", "jsd"],
-                modes=["forward", "backward", "full"], repeats=5, compile=True),
-    "demo": dict(shapes=[(4096, 32000)], dtype="float32", divergences=["forward_kl"], modes=["forward", "full"],
-                 repeats=3, compile=True),
-    "gpu": dict(shapes=[(8192, 128256)], dtype="bfloat16", divergences=list(R.DIVERGENCES),
-                modes=["forward", "backward", "full"], repeats=10, compile=True),
+    "smoke": dict(
+        shapes=[(64, 1000)], dtype="float32", divergences=["forward_kl"], modes=["full"], repeats=2, compile=False
+    ),
+    "cpu": dict(
+        shapes=[(4096, 32000)],
+        dtype="float32",
+        divergences=["forward_kl", "jsd"],
+        modes=["forward", "backward", "full"],
+        repeats=5,
+        compile=True,
+    ),
+    "demo": dict(
+        shapes=[(4096, 32000)],
+        dtype="float32",
+        divergences=["forward_kl"],
+        modes=["forward", "full"],
+        repeats=3,
+        compile=True,
+    ),
+    "gpu": dict(
+        shapes=[(8192, 128256)],
+        dtype="bfloat16",
+        divergences=list(R.DIVERGENCES),
+        modes=["forward", "backward", "full"],
+        repeats=10,
+        compile=True,
+    ),
 }
 
 
 def torch_loss(s, t, divergence, temperature=1.0, beta=0.5):
     """The plain-torch provider, in the input dtype."""
     if divergence == "forward_kl":
-        return F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), reduction="batchmean",
-                        log_target=True) * temperature**2
+        return (
+            F.kl_div(
+                F.log_softmax(s / temperature, -1),
+                F.log_softmax(t / temperature, -1),
+                reduction="batchmean",
+                log_target=True,
+            )
+            * temperature**2
+        )
     return R.distill_loss(s, t, divergence=divergence, beta=beta, temperature=temperature)
 
 
@@ -94,6 +120,51 @@ def copy_bandwidth_gbs(device, nbytes=2**30):
     return 2 * nbytes / (sorted(times)[len(times) // 2] / 1e3) / 1e9
 
 
+def _measure_mode(name, fn, mode, s0, t, divergence, device, dtype, repeats):
+    """One (provider, mode) row: ``forward`` (loss only), ``backward`` (after an untimed forward) or ``full``."""
+    s = s0.clone().requires_grad_(True)
+    state = {}
+
+    def clear():
+        s.grad = None
+
+    def forward_only():
+        return fn(s, t)
+
+    def full():
+        fn(s, t).backward()
+
+    def prepare_backward():
+        s.grad = None
+        state["loss"] = fn(s, t)
+
+    def backward_only():
+        state["loss"].backward()
+
+    run_fn, setup = {
+        "forward": (forward_only, None),
+        "full": (full, clear),
+        "backward": (backward_only, prepare_backward),
+    }[mode]
+    N, V = s0.shape
+    try:
+        return C.measure(
+            "distill_loss",
+            name,
+            mode,
+            f"{N}x{V}",
+            dtype,
+            device,
+            run_fn,
+            setup=setup,
+            repeats=repeats,
+            extra=divergence,
+        )
+    except Exception as err:  # a provider that fails (e.g. compile unsupported) is reported, not fatal
+        print(f"  {name} {mode} {divergence}: failed: {type(err).__name__}: {err}")
+        return None
+
+
 def run(preset: str, *, providers_filter=None, repeats=None, csv_name="distill_loss", plot=True, device=None):
     cfg = PRESETS[preset]
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -110,36 +181,14 @@ def run(preset: str, *, providers_filter=None, repeats=None, csv_name="distill_l
                 if providers_filter and name not in providers_filter:
                     continue
                 for mode in cfg["modes"]:
-                    s = s0.clone().requires_grad_(True)
-                    state = {}
-
-                    def clear():
-                        s.grad = None
-
-                    if mode == "forward":
-                        run_fn, setup = (lambda: fn(s, t)), None
-                    elif mode == "full":
-                        run_fn, setup = (lambda: fn(s, t).backward()), clear
-                    else:
-
-                        def setup():
-                            s.grad = None
-                            state["loss"] = fn(s, t)
-
-                        run_fn = lambda: state["loss"].backward()  # noqa: E731
-                    try:
-                        row = C.measure("distill_loss", name, mode, f"{N}x{V}", dtype, device, run_fn, setup=setup,
-                                        repeats=repeats, extra=divergence)
-                    except Exception as err:  # a provider that fails (e.g. compile unsupported) is reported, not fatal
-                        print(f"  {name} {mode} {divergence}: failed: {type(err).__name__}: {err}")
+                    row = _measure_mode(name, fn, mode, s0, t, divergence, device, dtype, repeats)
+                    if row is None:
                         continue
                     row.provider = f"{name}" if len(cfg["divergences"]) == 1 else f"{name}:{divergence}"
                     if device.type == "cuda" and mode in ("forward", "full") and name.startswith("fastdistill"):
                         # minimum traffic: read both logits once, write the gradient once
                         row.extra += f" GB/s={3 * N * V * s0.element_size() / (row.median_ms / 1e3) / 1e9:.0f}"
                     rows.append(row)
-                    state.clear()
-                    del s
     if device.type == "cuda":
         bw = copy_bandwidth_gbs(device)
         print(f"# measured copy bandwidth: {bw:.0f} GB/s (read + write)")
@@ -158,8 +207,11 @@ def run(preset: str, *, providers_filter=None, repeats=None, csv_name="distill_l
             for r in sub:
                 r.provider = f"{r.provider}:{d}"
     path = C.write_csv(rows, csv_name) if rows else None
-    png = C.plot(rows, csv_name + f"_{preset}", title=f"distill_loss ({preset}, {C.device_name(device)})") if (
-        plot and rows) else None
+    png = (
+        C.plot(rows, csv_name + f"_{preset}", title=f"distill_loss ({preset}, {C.device_name(device)})")
+        if (plot and rows)
+        else None
+    )
     print(f"\nrows appended to {path}" + (f"; plot {png}" if png else ""))
     return rows
 
@@ -173,8 +225,7 @@ def main(argv=None):
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     a = p.parse_args(argv)
-    run(a.preset, providers_filter=a.providers, repeats=a.repeats, csv_name=a.csv, plot=not a.no_plot,
-        device=a.device)
+    run(a.preset, providers_filter=a.providers, repeats=a.repeats, csv_name=a.csv, plot=not a.no_plot, device=a.device)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -24,7 +24,7 @@ _ENV = "FASTDISTILL_BACKEND"
 _warned = False
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_extension():
     """Return the compiled ``fastdistill._C`` module, or None when it was not built (one warning, once)."""
     if os.environ.get("FASTDISTILL_DISABLE_EXT", "0") == "1":
@@ -48,7 +48,7 @@ def _warn_once(msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
-@lru_cache(maxsize=None)
+@cache
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

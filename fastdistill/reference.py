@@ -88,9 +88,7 @@ def distill_loss(
 ) -> torch.Tensor:
     """Reference of ``fastdistill.functional.distill_loss`` (materialized, autograd, input dtype)."""
     V = student_logits.shape[-1]
-    rows = divergence_rows(
-        student_logits.reshape(-1, V), teacher_logits.reshape(-1, V), divergence, beta, temperature
-    )
+    rows = divergence_rows(student_logits.reshape(-1, V), teacher_logits.reshape(-1, V), divergence, beta, temperature)
     if scale_by_t2:
         rows = rows * (temperature * temperature)
     if labels is not None:

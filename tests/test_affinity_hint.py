@@ -44,8 +44,9 @@ def test_affinity_float64_exact_and_auto_choice():
     assert _aff.choose_method(100, 64, 32) == "gram" and _aff.choose_method(64, 64, 32) == "tiled"
     s, t = _feat(2, 50, 8, dtype=torch.float64, seed=3), _feat(2, 50, 16, dtype=torch.float64, seed=4)
     for method in ("gram", "tiled"):
-        torch.testing.assert_close(FD.affinity_distill_loss(s, t, method=method), affinity_distill_loss_ref(s, t),
-                                   atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(
+            FD.affinity_distill_loss(s, t, method=method), affinity_distill_loss_ref(s, t), atol=1e-12, rtol=1e-12
+        )
 
 
 def test_affinity_opcheck():

@@ -50,7 +50,9 @@ def _check(sq, sk, tq, tk, backend, atol, grad_scale=1.7, **kw):
 
 
 CASES = [("batchmean", c, m) for c in (False, True) for m in (False, True)] + [
-    ("sum", True, True), ("none", True, True), ("none", False, False)
+    ("sum", True, True),
+    ("none", True, True),
+    ("none", False, False),
 ]
 
 
@@ -163,7 +165,8 @@ def test_opcheck_and_compile():
     mask = _padding(2, 11)
     for red in (0, 2):
         torch.library.opcheck(
-            _op.attention_distill_op, (sq, sk, tq, tk, mask, True, 0.3, 0.25, red, True, "torch"),
+            _op.attention_distill_op,
+            (sq, sk, tq, tk, mask, True, 0.3, 0.25, red, True, "torch"),
         )
 
     def f(a, b):

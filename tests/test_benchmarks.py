@@ -13,8 +13,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.cpu_only
 def test_bench_distill_loss_smoke(tmp_path):
     env = dict(os.environ, FASTDISTILL_BENCH_RESULTS=str(tmp_path))
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_distill_loss.py"), "--preset",
-                          "smoke", "--device", "cpu"], capture_output=True, text=True, env=env, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "bench_distill_loss.py"),
+            "--preset",
+            "smoke",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "median ms" in out.stdout
     rows = list(csv.DictReader(open(tmp_path / "distill_loss.csv")))

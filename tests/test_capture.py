@@ -14,21 +14,34 @@ pytestmark = pytest.mark.cpu_only
 
 def _llama(attn="eager", layers=2, hidden=64, heads=4, kv=2):
     cfg = transformers.LlamaConfig(
-        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-        intermediate_size=128, vocab_size=128, attn_implementation=attn,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        intermediate_size=128,
+        vocab_size=128,
+        attn_implementation=attn,
     )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def _gpt2(attn="eager"):
-    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64,
-                                  attn_implementation=attn)
+    cfg = transformers.GPT2Config(
+        n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64, attn_implementation=attn
+    )
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
 def _bert(attn="eager"):
-    cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                                  vocab_size=128, max_position_embeddings=64, attn_implementation=attn)
+    cfg = transformers.BertConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=128,
+        max_position_embeddings=64,
+        attn_implementation=attn,
+    )
     return transformers.BertModel(cfg).eval()
 
 

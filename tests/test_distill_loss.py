@@ -249,8 +249,9 @@ def test_saves_only_the_gradient_and_backward_reuses_it(backend):
     s.requires_grad_(True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
-        loss, grad = op.distill_loss_op(s, t, labels, 0, 0.5, 1.0, -100, True, op.REDUCTION_ID["batchmean"], True,
-                                        backend)
+        loss, grad = op.distill_loss_op(
+            s, t, labels, 0, 0.5, 1.0, -100, True, op.REDUCTION_ID["batchmean"], True, backend
+        )
     big = [x for x in saved if x.numel() >= s.numel()]
     assert sum(x.numel() for x in big) == s.numel(), [tuple(x.shape) for x in saved]
     loss.backward()
@@ -362,8 +363,12 @@ def test_distill_loss_module_matches_functional():
     s, t, labels = _inputs((3, 4, 21))
     mod = fdnn.DistillLoss(divergence="skew_reverse_kl", beta=0.1, temperature=1.5, reduction="sum")
     assert "skew_reverse_kl" in repr(mod)
-    _close(mod(s, t, labels), FD.distill_loss(s, t, labels, divergence="skew_reverse_kl", beta=0.1, temperature=1.5,
-                                               reduction="sum"), atol=0, rtol=0)
+    _close(
+        mod(s, t, labels),
+        FD.distill_loss(s, t, labels, divergence="skew_reverse_kl", beta=0.1, temperature=1.5, reduction="sum"),
+        atol=0,
+        rtol=0,
+    )
 
 
 @pytest.mark.parametrize("backend", KL_BACKENDS)

@@ -158,8 +158,17 @@ def attention_distill_loss(
     resolved = _att.resolve_backend(student_q.device, backend)
     need_grad = torch.is_grad_enabled() and (student_q.requires_grad or student_k.requires_grad)
     loss, _, _ = _att.attention_distill_op(
-        student_q, student_k, teacher_q, teacher_k, attention_mask, bool(causal), ss, st,
-        _att.REDUCTION_ID[reduction], need_grad, resolved,
+        student_q,
+        student_k,
+        teacher_q,
+        teacher_k,
+        attention_mask,
+        bool(causal),
+        ss,
+        st,
+        _att.REDUCTION_ID[reduction],
+        need_grad,
+        resolved,
     )
     return loss
 
@@ -339,15 +348,21 @@ def glimpse_hint_loss(
         >>> ta = torch.randn(2, 25, 64).softmax(-1); tf = torch.randn(2, 64, 256)
         >>> FD.glimpse_hint_loss(sa, sf, ta, tf).backward()
     """
-    for name, x in (("student_attn", student_attn), ("student_feat", student_feat), ("teacher_attn", teacher_attn),
-                    ("teacher_feat", teacher_feat)):
+    for name, x in (
+        ("student_attn", student_attn),
+        ("student_feat", student_feat),
+        ("teacher_attn", teacher_attn),
+        ("teacher_feat", teacher_feat),
+    ):
         check_tensor(name, x, min_dim=3)
         if x.dim() != 3:
             raise ValueError(f"{name} has shape {tuple(x.shape)}; expected 3 dimensions")
     check_frozen("teacher_attn", teacher_attn)
     check_frozen("teacher_feat", teacher_feat)
-    for attn_name, attn, feat_name, feat in (("student_attn", student_attn, "student_feat", student_feat),
-                                             ("teacher_attn", teacher_attn, "teacher_feat", teacher_feat)):
+    for attn_name, attn, feat_name, feat in (
+        ("student_attn", student_attn, "student_feat", student_feat),
+        ("teacher_attn", teacher_attn, "teacher_feat", teacher_feat),
+    ):
         if attn.shape[0] != feat.shape[0] or attn.shape[2] != feat.shape[1]:
             raise ValueError(
                 f"{attn_name} has shape {tuple(attn.shape)} and {feat_name} {tuple(feat.shape)}; expected [B, T, L] "

@@ -48,9 +48,9 @@ def distill_loss(
     ``skew_reverse_kl``      DistiLLM skew reverse KL :math:`\mathrm{KL}(p_s \| \beta p_s + (1-\beta) p_t)`
     ======================  =========================================================================================
 
-    The per-row divergence is multiplied by :math:`T^2` (Hinton et al., so gradient magnitudes do not shrink as T grows)
-    unless ``scale_by_t2=False``. Terms with zero probability contribute 0, so ``-inf`` at the same vocabulary entries of
-    both models (a masked vocabulary) gives a finite loss. NaN in the logits gives NaN, as in torch.
+    The per-row divergence is multiplied by :math:`T^2` (Hinton et al., so gradient magnitudes do not shrink as T
+    grows) unless ``scale_by_t2=False``. Terms with zero probability contribute 0, so ``-inf`` at the same vocabulary
+    entries of both models (a masked vocabulary) gives a finite loss. NaN in the logits gives NaN, as in torch.
 
     The gradient w.r.t. ``student_logits`` is computed inside the forward kernel (one pass for the loss and gradient,
     nothing of size [N, V] kept but the gradient itself); backward only scales it by ``grad_output``. The teacher gets

@@ -42,8 +42,15 @@ class AttentionDistillLoss(torch.nn.Module):
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return _F.attention_distill_loss(
-            student_q, student_k, teacher_q, teacher_k, attention_mask=attention_mask, causal=self.causal,
-            scale=self.scale, relation_heads=self.relation_heads, reduction=self.reduction,
+            student_q,
+            student_k,
+            teacher_q,
+            teacher_k,
+            attention_mask=attention_mask,
+            causal=self.causal,
+            scale=self.scale,
+            relation_heads=self.relation_heads,
+            reduction=self.reduction,
         )
 
     def extra_repr(self) -> str:
@@ -84,7 +91,10 @@ class HintLoss(torch.nn.Module):
     """
 
     def __init__(
-        self, student_dim: int | None = None, teacher_dim: int | None = None, kind: str = "mse",
+        self,
+        student_dim: int | None = None,
+        teacher_dim: int | None = None,
+        kind: str = "mse",
         projection: bool | None = None,
     ) -> None:
         super().__init__()
@@ -119,6 +129,11 @@ class GlimpseHintLoss(HintLoss):
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return _F.glimpse_hint_loss(
-            student_attn, student_feat, teacher_attn, teacher_feat, projection=self.projection, kind=self.kind,
+            student_attn,
+            student_feat,
+            teacher_attn,
+            teacher_feat,
+            projection=self.projection,
+            kind=self.kind,
             mask=mask,
         )

@@ -232,8 +232,17 @@ def attention_distill_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient w.r.t. the student's q and k for per-row weights ``row_weight`` [B, H, L] (recomputes the tiles)."""
     _, dq, dk = attention_distill_rows(
-        student_q, student_k, teacher_q, teacher_k, attention_mask, causal, student_scale, teacher_scale,
-        row_weight.float(), backend, need_rows=False,
+        student_q,
+        student_k,
+        teacher_q,
+        teacher_k,
+        attention_mask,
+        causal,
+        student_scale,
+        teacher_scale,
+        row_weight.float(),
+        backend,
+        need_rows=False,
     )
     return dq, dk
 

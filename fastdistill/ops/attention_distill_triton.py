@@ -43,12 +43,27 @@ def attention_distill_triton(sq, sk, tq, tk, attention_mask, causal, ss, st, row
     # fp32 inputs: exact fp32 dots (no TF32 rounding); 16-bit inputs are exact in TF32 (see the kernel module)
     precision = "ieee" if sq.dtype == torch.float32 else "tf32"
     common = (
-        *_strides(sq), *_strides(sk), *_strides(tq), *_strides(tk), *stride_m,
-        H, L, Ds, Dt, float(ss), float(st),
+        *_strides(sq),
+        *_strides(sk),
+        *_strides(tq),
+        *_strides(tk),
+        *stride_m,
+        H,
+        L,
+        Ds,
+        Dt,
+        float(ss),
+        float(st),
     )
     meta = dict(
-        HAS_MASK=has_mask, CAUSAL=bool(causal), DOT_PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DS=block_ds, BLOCK_DT=block_dt, num_warps=num_warps,
+        HAS_MASK=has_mask,
+        CAUSAL=bool(causal),
+        DOT_PRECISION=precision,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_DS=block_ds,
+        BLOCK_DT=block_dt,
+        num_warps=num_warps,
     )
     grid_m = (triton.cdiv(L, block_m), BH)
     K.attention_distill_fwd_kernel[grid_m](sq, sk, tq, tk, mask, rows, lse_s, lse_t, *common, **meta)

@@ -67,13 +67,19 @@ def _student_grad_torch(s: torch.Tensor, t: torch.Tensor, divergence: int, beta:
             log_m = t_ if beta == 0.0 else torch.logaddexp(t_ + math.log(beta), s_ + math.log1p(-beta))
             a = -(1 - beta) * torch.exp(t_ - log_m) * (pt > 0)
         else:  # skew_reverse_kl: m = beta p_s + (1 - beta) p_t
-            log_m = s_ if beta == 1.0 else (t_ if beta == 0.0 else torch.logaddexp(s_ + math.log(beta), t_ + math.log1p(-beta)))
+            log_m = (
+                s_
+                if beta == 1.0
+                else (t_ if beta == 0.0 else torch.logaddexp(s_ + math.log(beta), t_ + math.log1p(-beta)))
+            )
             a = torch.where(keep, s_ - log_m - beta * torch.exp(s_ - log_m), zero)
     a = torch.where(keep, a, zero)
     return ps * (a - (ps * a).sum(-1, keepdim=True))
 
 
-def _rows_torch(student, teacher, labels, grad_scale, divergence, beta, temperature, ignore_index, loss_scale, need_grad):
+def _rows_torch(
+    student, teacher, labels, grad_scale, divergence, beta, temperature, ignore_index, loss_scale, need_grad
+):
     """Torch fallback of the row contract: loss from the reference, gradient in closed form (fp32 temporaries)."""
     s = torch.log_softmax(student.float() / temperature, dim=-1)
     t = torch.log_softmax(teacher.float() / temperature, dim=-1)
@@ -164,7 +170,9 @@ def distill_loss_op(
 
 
 @distill_loss_op.register_fake
-def _(student, teacher, labels, divergence, beta, temperature, ignore_index, scale_by_t2, reduction, need_grad, backend):
+def _(
+    student, teacher, labels, divergence, beta, temperature, ignore_index, scale_by_t2, reduction, need_grad, backend
+):
     n = student.numel() // student.shape[-1]
     loss = student.new_empty((n,) if reduction == REDUCTION_ID["none"] else (), dtype=torch.float32)
     grad = student.new_empty((n, student.shape[-1]) if need_grad else (0,))
