@@ -28,6 +28,10 @@ _warned = False
 def load_extension():
     """Return the compiled ``fastdistill._C`` module, or None when it was not built (one warning, once)."""
     if os.environ.get("FASTDISTILL_DISABLE_EXT", "0") == "1":
+        _warn_once(
+            "FASTDISTILL_DISABLE_EXT=1: fastdistill._C is ignored; CPU ops use the pure-torch reference and CUDA ops "
+            "use Triton."
+        )
         return None
     try:
         ext = importlib.import_module("fastdistill._C")
