@@ -38,6 +38,10 @@ struct DistillRowsArgs {
   double loss_scale;
   double grad_scale;  // loss_scale / T * grad_scale[0] is applied to the gradient
   Dtype dtype;
+  // fused cross-entropy term (temperature 1, target labels[i]): ce_rows[i] = lse(s) - s[label], and
+  // grad_scale * ce_weight * (softmax(s) - onehot(label)) added to the gradient; ce_rows == nullptr: off
+  float* ce_rows;  // [N] or nullptr
+  double ce_weight;
 };
 
 struct KlDivRowsArgs {

@@ -13,6 +13,9 @@
 //   pass 3   JSD / TVD / skew KL: the gradient dL/ds'_j = ps_j (a_j - S).
 // The forward KL with a gradient (the common training case) runs forward_kl_row_cached instead: pass 1 goes block by
 // block (max, then exp) and keeps its exps, so pass 2 needs no exp at all.
+// Fused cross-entropy term (args.ce_rows != nullptr): at T == 1 the student's running max / sum of pass 1 are also
+// the CE's log-sum-exp; at T != 1 pass 1 keeps one more online sum over the raw student row. The passes that write the
+// gradient add ce_c softmax(s) to it and then subtract ce_c at the label (ce_c = grad_scale * ce_weight).
 // log p is always formed as (x' - max) - log(sum), never x' - lse in float32, which would lose ~1e-4 for logits of
 // 1e4 (the kernel files turn off -ffast-math's reassociation so the compiler keeps that order).
 // Terms with a zero probability are 0 ("0 where p == 0"), so -inf at the same entries of both rows (a masked
@@ -209,18 +212,39 @@ struct ThreePass {
   }
 };
 
+// The raw (unscaled) student chunk at offset j of n elements, -inf padded like for_each_chunk's tail.
+template <typename acc_t, typename scalar_t>
+inline Vec<acc_t> raw_chunk(const scalar_t* s, int64_t j, int64_t n) {
+  return n == Vec<acc_t>::size() ? load<acc_t>(s + j)
+                                 : load_tail<acc_t>(s + j, n, -std::numeric_limits<acc_t>::infinity());
+}
+
+// The label's cross-entropy lse - s[label] (in double) and the -ce_c correction of the label's gradient entry.
+template <typename scalar_t>
+inline void finish_ce(const DistillRowsArgs& args, const scalar_t* s, scalar_t* g, int64_t label, double lse,
+                      float* ce) {
+  *ce = static_cast<float>(lse - static_cast<double>(s[label]));
+  if (g != nullptr) {
+    g[label] = static_cast<scalar_t>(static_cast<double>(g[label]) - args.grad_scale * args.ce_weight);
+  }
+}
+
 template <typename scalar_t, typename acc_t, int64_t kDiv>
-void distill_row(const DistillRowsArgs& args, const scalar_t* s, const scalar_t* t, scalar_t* g, float* loss) {
+void distill_row(const DistillRowsArgs& args, const scalar_t* s, const scalar_t* t, scalar_t* g, float* loss,
+                 int64_t label, float* ce) {
   using V = Vec<acc_t>;
   const int64_t n_vocab = args.vocab;
   const acc_t inv_t = static_cast<acc_t>(args.inv_temperature);
   const V zero(0);
+  const bool with_ce = ce != nullptr;
+  const bool ce_shared = args.inv_temperature == 1.0;  // then the CE's lse is the student's lse of pass 1
 
-  // pass 1: online log-sum-exp of both rows (+ the KL's weighted sum)
-  OnlineLse<acc_t> os, ot;
+  // pass 1: online log-sum-exp of both rows (+ the KL's weighted sum, + the raw student's for CE at T != 1)
+  OnlineLse<acc_t> os, ot, oc;
   V bad(0);  // lanes that saw a NaN
-  for_each_chunk<acc_t>(s, t, n_vocab, inv_t, [&](const V& xs, const V& xt, int64_t, int64_t) {
+  for_each_chunk<acc_t>(s, t, n_vocab, inv_t, [&](const V& xs, const V& xt, int64_t j, int64_t n) {
     bad = bad | (xs != xs) | (xt != xt);
+    if (with_ce && !ce_shared) oc.template add<false>(raw_chunk<acc_t>(s, j, n));
     if constexpr (kDiv == kForwardKL) {
       os.template add<false>(xs);
       const V et = ot.template add<true>(xt);
@@ -237,8 +261,11 @@ void distill_row(const DistillRowsArgs& args, const scalar_t* s, const scalar_t*
   const auto rs = os.finish();
   const auto rt = ot.finish();
   const double inf = std::numeric_limits<double>::infinity();
-  if (any_lane(bad) || rs.max == inf || rt.max == inf || std::isnan(rs.lse) || std::isnan(rt.lse)) {
+  const auto rc = with_ce && !ce_shared ? oc.finish() : rs;
+  if (any_lane(bad) || rs.max == inf || rt.max == inf || std::isnan(rs.lse) || std::isnan(rt.lse) ||
+      std::isnan(rc.lse)) {
     *loss = std::numeric_limits<float>::quiet_NaN();
+    if (with_ce) *ce = std::numeric_limits<float>::quiet_NaN();
     if (g != nullptr) fill_row(g, n_vocab, std::numeric_limits<float>::quiet_NaN());
     return;
   }
@@ -249,12 +276,23 @@ void distill_row(const DistillRowsArgs& args, const scalar_t* s, const scalar_t*
   auto log_ps = [&](const V& xs) { return (xs - max_s) - log_z_s; };
   auto log_pt = [&](const V& xt) { return (xt - max_t) - log_z_t; };
   const V grad_c(static_cast<acc_t>(args.loss_scale * args.inv_temperature * args.grad_scale));
+  // CE gradient ce_c softmax(s) with log softmax(s) = (s - max) - log(sum) of the raw row (or of xs when T == 1)
+  const V ce_c(static_cast<acc_t>(args.grad_scale * args.ce_weight));
+  const V max_c(static_cast<acc_t>(rc.max)), log_z_c(static_cast<acc_t>(rc.lse - rc.max));
+  auto add_ce = [&](const V& grad, const V& xs, int64_t j, int64_t n) {
+    if (!with_ce) return grad;
+    const V x = ce_shared ? xs : raw_chunk<acc_t>(s, j, n);
+    return grad + vexp((x - max_c) - log_z_c) * ce_c;
+  };
 
   if constexpr (kDiv == kForwardKL || kDiv == kReverseKL) {
     // KL(pt || ps) = sum pt (t' - s') - lse_t + lse_s (and symmetrically for the reverse KL)
     const double raw = kDiv == kForwardKL ? rt.weighted_mean - rt.lse + rs.lse : rs.weighted_mean - rs.lse + rt.lse;
     *loss = static_cast<float>(args.loss_scale * raw);
-    if (g == nullptr) return;
+    if (g == nullptr) {
+      if (with_ce) finish_ce(args, s, g, label, rc.lse, ce);
+      return;
+    }
     const V raw_v(static_cast<acc_t>(raw));
     // pass 2: forward dL/ds' = ps - pt; reverse dL/ds' = ps (log ps - log pt - L)
     for_each_chunk<acc_t>(s, t, n_vocab, inv_t, [&](const V& xs, const V& xt, int64_t j, int64_t n) {
@@ -265,8 +303,9 @@ void distill_row(const DistillRowsArgs& args, const scalar_t* s, const scalar_t*
         const V lps = log_ps(xs);
         grad = safe_mul(vexp(lps), lps - log_pt(xt) - raw_v) * grad_c;
       }
-      store<scalar_t>(g + j, grad, n);
+      store<scalar_t>(g + j, add_ce(grad, xs, j, n), n);
     });
+    if (with_ce) finish_ce(args, s, g, label, rc.lse, ce);
   } else {
     const ThreePass<acc_t, kDiv> div(args.beta);
     // pass 2: loss and S = sum ps a
@@ -281,7 +320,10 @@ void distill_row(const DistillRowsArgs& args, const scalar_t* s, const scalar_t*
     });
     const double raw = at::vec::vec_reduce_all<acc_t>([](V x, V y) { return x + y; }, acc_loss);
     *loss = static_cast<float>(args.loss_scale * raw);
-    if (g == nullptr) return;
+    if (g == nullptr) {
+      if (with_ce) finish_ce(args, s, g, label, rc.lse, ce);
+      return;
+    }
     const V sum_pa(at::vec::vec_reduce_all<acc_t>([](V x, V y) { return x + y; }, acc_pa));
     // pass 3: dL/ds'_j = ps_j (a_j - S)
     for_each_chunk<acc_t>(s, t, n_vocab, inv_t, [&](const V& xs, const V& xt, int64_t j, int64_t n) {
@@ -289,8 +331,9 @@ void distill_row(const DistillRowsArgs& args, const scalar_t* s, const scalar_t*
       const V ps = vexp(lps);
       V term, a;
       div.eval(lps, lpt, ps, vexp(lpt), term, a);
-      store<scalar_t>(g + j, safe_mul(ps, a - sum_pa) * grad_c, n);
+      store<scalar_t>(g + j, add_ce(safe_mul(ps, a - sum_pa) * grad_c, xs, j, n), n);
     });
+    if (with_ce) finish_ce(args, s, g, label, rc.lse, ce);
   }
 }
 
@@ -324,7 +367,7 @@ ScratchRows<acc_t>& thread_scratch() {
 
 template <typename scalar_t, typename acc_t>
 void forward_kl_row_cached(const DistillRowsArgs& args, const scalar_t* s, const scalar_t* t, scalar_t* g,
-                           float* loss) {
+                           float* loss, int64_t label, float* ce) {
   using V = Vec<acc_t>;
   constexpr int64_t W = V::size();
   const int64_t n_vocab = args.vocab;
@@ -400,17 +443,20 @@ void forward_kl_row_cached(const DistillRowsArgs& args, const scalar_t* s, const
   const double inf = std::numeric_limits<double>::infinity();
   if (any_lane(bad) || ms == inf || mt == inf || std::isnan(lse_s) || std::isnan(lse_t)) {
     *loss = std::numeric_limits<float>::quiet_NaN();
+    if (ce != nullptr) *ce = std::numeric_limits<float>::quiet_NaN();
     fill_row(g, n_vocab, std::numeric_limits<float>::quiet_NaN());
     return;
   }
   // KL(pt || ps) = sum pt (t' - s') - lse_t + lse_s
   *loss = static_cast<float>(args.loss_scale * (a / zt - lse_t + lse_s));
 
-  // pass 2: grad = (exp_s * exp(bms - lse_s) - exp_t * exp(bmt - lse_t)) * loss_scale / T * grad_scale
+  // pass 2: grad = (exp_s * exp(bms - lse_s) - exp_t * exp(bmt - lse_t)) * loss_scale / T * grad_scale; the fused CE
+  // (only routed here at T == 1, where ps is also the CE's softmax) adds grad_scale * ce_weight * ps to it
   const double c = args.loss_scale * args.inv_temperature * args.grad_scale;
+  const double c_s = ce != nullptr ? c + args.grad_scale * args.ce_weight : c;
   for (int64_t b = 0; b < n_blocks; ++b) {
     const int64_t j0 = b * kBlock, j1 = std::min(n_vocab, j0 + kBlock);
-    const V cs(static_cast<acc_t>(std::exp(block_max[b] - lse_s) * c));
+    const V cs(static_cast<acc_t>(std::exp(block_max[b] - lse_s) * c_s));
     const V ct(static_cast<acc_t>(std::exp(block_max[n_blocks + b] - lse_t) * c));
     for (int64_t j = j0; j < j1; j += W) {
       const int64_t n = std::min<int64_t>(W, j1 - j);
@@ -419,6 +465,7 @@ void forward_kl_row_cached(const DistillRowsArgs& args, const scalar_t* s, const
       store<scalar_t>(g + j, es * cs - et * ct, n);
     }
   }
+  if (ce != nullptr) finish_ce(args, s, g, label, lse_s, ce);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -433,24 +480,29 @@ void distill_rows_typed(const DistillRowsArgs& args, int64_t begin, int64_t end)
     const scalar_t* t = teacher + i * args.teacher_row_stride;
     scalar_t* g = grad != nullptr ? grad + i * n_vocab : nullptr;
     float* loss = args.loss + i;
+    float* ce = args.ce_rows != nullptr ? args.ce_rows + i : nullptr;  // labels are present when CE is on
     if ((args.labels != nullptr && args.labels[i] == args.ignore_index) || n_vocab == 0) {
       *loss = 0.0f;
+      if (ce != nullptr) *ce = 0.0f;
       if (g != nullptr) fill_row(g, n_vocab, 0.0f);
       continue;
     }
+    const int64_t label = ce != nullptr ? args.labels[i] : 0;
     switch (args.divergence) {
       case kForwardKL:
-        if (g != nullptr) {
-          forward_kl_row_cached<scalar_t, acc_t>(args, s, t, g, loss);
+        // the cached kernel shares the student's exps with CE only at T == 1; otherwise the generic row keeps the
+        // raw student's extra online sum in its pass 1
+        if (g != nullptr && (ce == nullptr || args.inv_temperature == 1.0)) {
+          forward_kl_row_cached<scalar_t, acc_t>(args, s, t, g, loss, label, ce);
         } else {
-          distill_row<scalar_t, acc_t, kForwardKL>(args, s, t, g, loss);
+          distill_row<scalar_t, acc_t, kForwardKL>(args, s, t, g, loss, label, ce);
         }
         break;
-      case kReverseKL: distill_row<scalar_t, acc_t, kReverseKL>(args, s, t, g, loss); break;
-      case kJSD: distill_row<scalar_t, acc_t, kJSD>(args, s, t, g, loss); break;
-      case kTVD: distill_row<scalar_t, acc_t, kTVD>(args, s, t, g, loss); break;
-      case kSkewForwardKL: distill_row<scalar_t, acc_t, kSkewForwardKL>(args, s, t, g, loss); break;
-      default: distill_row<scalar_t, acc_t, kSkewReverseKL>(args, s, t, g, loss); break;
+      case kReverseKL: distill_row<scalar_t, acc_t, kReverseKL>(args, s, t, g, loss, label, ce); break;
+      case kJSD: distill_row<scalar_t, acc_t, kJSD>(args, s, t, g, loss, label, ce); break;
+      case kTVD: distill_row<scalar_t, acc_t, kTVD>(args, s, t, g, loss, label, ce); break;
+      case kSkewForwardKL: distill_row<scalar_t, acc_t, kSkewForwardKL>(args, s, t, g, loss, label, ce); break;
+      default: distill_row<scalar_t, acc_t, kSkewReverseKL>(args, s, t, g, loss, label, ce); break;
     }
   }
 }

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -51,11 +52,10 @@ void advise_huge_pages(const at::Tensor& t) {
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> distill_loss_rows_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                                         const std::optional<at::Tensor>& labels,
-                                                         const at::Tensor& grad_scale, int64_t divergence,
-                                                         double beta, double temperature, int64_t ignore_index,
-                                                         double loss_scale, bool need_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_rows_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+    const at::Tensor& grad_scale, int64_t divergence, double beta, double temperature, int64_t ignore_index,
+    double loss_scale, bool need_grad, double ce_weight) {
   FD_CHECK_CPU(student);
   FD_CHECK_FLOAT(student);
   FD_CHECK_ROWS(student);
@@ -70,10 +70,23 @@ std::tuple<at::Tensor, at::Tensor> distill_loss_rows_cpu(const at::Tensor& stude
     labels_i64 = labels->reshape({-1}).to(at::kLong).contiguous();
   }
 
+  TORCH_CHECK(ce_weight >= 0.0 && std::isfinite(ce_weight), "ce_weight=", ce_weight,
+              " is out of range; expected a finite value >= 0");
+  const bool with_ce = ce_weight != 0.0;
+  TORCH_CHECK(!with_ce || labels.has_value(), "ce_weight=", ce_weight,
+              " needs labels (the cross-entropy targets), got labels=None");
+
   const int64_t n_rows = student.size(0), vocab = student.size(1);
+  if (with_ce) {
+    // the kernel indexes the row with the label: out-of-range targets would read outside it
+    const at::Tensor bad = labels_i64.ne(ignore_index).logical_and(labels_i64.lt(0).logical_or(labels_i64.ge(vocab)));
+    TORCH_CHECK(!bad.any().item<bool>(), "labels has a value outside [0, ", vocab, ") (and != ignore_index=",
+                ignore_index, "); expected class indices of student's last dimension for ce_weight > 0");
+  }
   at::Tensor loss = at::empty({n_rows}, student.options().dtype(at::kFloat));
   at::Tensor grad = need_grad ? at::empty({n_rows, vocab}, student.options()) : at::empty({0}, student.options());
-  if (n_rows == 0) return {loss, grad};
+  at::Tensor ce_rows = at::empty({with_ce ? n_rows : 0}, student.options().dtype(at::kFloat));
+  if (n_rows == 0) return {loss, grad, ce_rows};
   if (need_grad) advise_huge_pages(grad);
 
   cpu::DistillRowsArgs args{};
@@ -92,6 +105,8 @@ std::tuple<at::Tensor, at::Tensor> distill_loss_rows_cpu(const at::Tensor& stude
   args.loss_scale = loss_scale;
   args.grad_scale = grad_scale.item<double>();  // a CPU scalar: no device sync
   args.dtype = cpu_dtype(student.scalar_type());
+  args.ce_rows = with_ce ? ce_rows.data_ptr<float>() : nullptr;
+  args.ce_weight = ce_weight;
 
   const bool avx2 = std::strcmp(cpu::active_capability(), "avx2") == 0;
   at::parallel_for(0, n_rows, row_grain(vocab), [&](int64_t begin, int64_t end) {
@@ -101,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> distill_loss_rows_cpu(const at::Tensor& stude
       cpu::cpu_default::distill_loss_rows_range(args, begin, end);
     }
   });
-  return {loss, grad};
+  return {loss, grad, ce_rows};
 }
 
 }  // namespace

@@ -257,11 +257,10 @@ const char* divergence_name(int64_t id) {
   return id >= 0 && id < 6 ? names[id] : "unknown";
 }
 
-std::tuple<at::Tensor, at::Tensor> distill_loss_rows_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                                                          const std::optional<at::Tensor>& labels,
-                                                          const at::Tensor& grad_scale, int64_t divergence,
-                                                          double beta, double temperature, int64_t ignore_index,
-                                                          double loss_scale, bool need_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_rows_cuda(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+    const at::Tensor& grad_scale, int64_t divergence, double beta, double temperature, int64_t ignore_index,
+    double loss_scale, bool need_grad, double ce_weight) {
   FD_CHECK_CUDA(student);
   FD_CHECK_FLOAT(student);
   FD_CHECK_ROWS(student);
@@ -274,6 +273,10 @@ std::tuple<at::Tensor, at::Tensor> distill_loss_rows_cuda(const at::Tensor& stud
   TORCH_CHECK(div == 0, "distill_loss_rows on CUDA implements only divergence=0 (forward_kl), got divergence=",
               divergence, " (", divergence_name(divergence), ", beta=", beta,
               "); use backend='triton' or 'torch' for it");
+  // the fused cross-entropy term is implemented by the Triton, C++ CPU and torch backends only
+  // (fastdistill.ops.distill_loss.resolve_backend never routes it here)
+  TORCH_CHECK(ce_weight == 0.0, "distill_loss_rows on CUDA has no fused cross-entropy term: ce_weight=", ce_weight,
+              "; expected 0 (use backend='triton' or 'torch' for ce_weight > 0)");
   c10::cuda::CUDAGuard guard(student.device());
 
   at::Tensor labels_i64;
@@ -285,8 +288,9 @@ std::tuple<at::Tensor, at::Tensor> distill_loss_rows_cuda(const at::Tensor& stud
   const int64_t n_rows = student.size(0), vocab = student.size(1);
   at::Tensor loss = at::empty({n_rows}, student.options().dtype(at::kFloat));
   at::Tensor grad = need_grad ? at::empty({n_rows, vocab}, student.options()) : at::empty({0}, student.options());
-  if (n_rows == 0) return {loss, grad};
-  if (vocab == 0) return {loss.zero_(), grad};
+  const at::Tensor ce_rows = at::empty({0}, student.options().dtype(at::kFloat));
+  if (n_rows == 0) return {loss, grad, ce_rows};
+  if (vocab == 0) return {loss.zero_(), grad, ce_rows};
   TORCH_CHECK(n_rows <= 2147483647, "student has ", n_rows, " rows; the CUDA kernel takes at most 2^31 - 1 (one block "
               "per row)");
 
@@ -295,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor> distill_loss_rows_cuda(const at::Tensor& stud
                                 ignore_index, need_grad ? grad.data_ptr<scalar_t>() : nullptr,
                                 loss.data_ptr<float>(), scale_f32.data_ptr<float>(), temperature, loss_scale);
   });
-  return {loss, grad};
+  return {loss, grad, ce_rows};
 }
 
 }  // namespace

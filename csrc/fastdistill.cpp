@@ -13,7 +13,8 @@
 TORCH_LIBRARY(fastdistill, m) {
   m.def(
       "distill_loss_rows(Tensor student, Tensor teacher, Tensor? labels, Tensor grad_scale, int divergence, "
-      "float beta, float temperature, int ignore_index, float loss_scale, bool need_grad) -> (Tensor, Tensor)");
+      "float beta, float temperature, int ignore_index, float loss_scale, bool need_grad, float ce_weight=0.0) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def(
       "kl_div_rows(Tensor input, Tensor target, Tensor grad_scale, bool log_target, bool need_grad) "
       "-> (Tensor, Tensor)");

@@ -21,6 +21,11 @@ For any divergence D(ps) of the student probabilities, dD / dz_j = ps_j (a_j - s
 The student gradient is grad_scale * loss_scale / T * dD / dz. Terms with zero probability contribute 0 (in value and
 gradient), so a vocabulary masked with -inf in both rows gives a finite loss and zero gradient there; the guards test
 ``p == 0`` rather than ``p > 0`` so that NaN inputs still propagate to a NaN loss.
+
+Fused cross-entropy (HAS_CE, ``ce_rows_ptr`` given): ce = lse(s) - s[label] on the raw logits, and the passes that
+write the gradient add ce_coef (softmax(s) - onehot(label)) with ce_coef = grad_scale * ce_weight. At T == 1
+(CE_SHARED) softmax(s) is ps, whose max and sum-exp pass 1 already has; otherwise pass 1 also keeps the online max and
+sum-exp of the raw row (no extra pass).
 """
 
 import triton
@@ -95,11 +100,21 @@ def _element_terms(b_ls, b_lt, beta, log_beta, log_1m_beta, DIVERGENCE: tl.const
     return b_ps, b_d, b_a
 
 
+@triton.jit
+def _add_ce_grad(b_g, b_x, b_mc, log_sc, o_col, label, ce_coef):
+    """b_g + ce_coef (softmax - onehot(label)) for the tile of logits b_x (raw, or scaled by 1 / T == 1) at columns
+    o_col; b_mc / log_sc: the max and log sum-exp of those logits over the row."""
+    b_p = tl.exp((b_x - b_mc) - log_sc)  # [BLOCK_V]
+    return b_g + ce_coef * (b_p - tl.where(o_col == label, 1.0, 0.0))
+
+
 @triton.heuristics(
     {
         "HAS_LABELS": lambda args: args["labels_ptr"] is not None,
         "NEED_GRAD": lambda args: args["grad_ptr"] is not None,
         "TWO_PASS": lambda args: args["DIVERGENCE"] in (0, 1),
+        "HAS_CE": lambda args: args["ce_rows_ptr"] is not None,
+        "CE_SHARED": lambda args: args["inv_temperature"] == 1.0,
     }
 )
 @triton.jit
@@ -110,6 +125,7 @@ def distill_loss_rows_kernel(
     grad_scale_ptr,
     loss_ptr,
     grad_ptr,
+    ce_rows_ptr,
     stride_s,
     stride_t,
     stride_g,
@@ -120,11 +136,14 @@ def distill_loss_rows_kernel(
     log_1m_beta,
     loss_scale,
     ignore_index,
+    ce_weight,
     DIVERGENCE: tl.constexpr,
     BLOCK_V: tl.constexpr,
     HAS_LABELS: tl.constexpr,
     NEED_GRAD: tl.constexpr,
     TWO_PASS: tl.constexpr,
+    HAS_CE: tl.constexpr,
+    CE_SHARED: tl.constexpr,
 ):
     # int64 row index: row * stride reaches N * V, which passes 2^31 for e.g. 8192 tokens x 128256 vocabulary
     i_n = tl.program_id(0).to(tl.int64)
@@ -135,8 +154,10 @@ def distill_loss_rows_kernel(
     o_v = tl.arange(0, BLOCK_V)
 
     valid = True
+    label = -1
     if HAS_LABELS:
-        valid = tl.load(labels_ptr + i_n) != ignore_index
+        label = tl.load(labels_ptr + i_n)
+        valid = label != ignore_index
     if valid:
         # ---- pass 1 (head to tail): online max / sum-exp of both rows (+ the KL's first term for the 2-pass ones)
         b_mz = float("-inf")
@@ -144,8 +165,15 @@ def distill_loss_rows_kernel(
         b_sz = 0.0
         b_sy = 0.0
         b_acc = 0.0  # forward KL: sum exp(y - my) (y - z); reverse KL: sum exp(z - mz) (z - y)
+        b_mr = float("-inf")  # CE at T != 1: online max / sum-exp of the raw student row
+        b_sr = 0.0
         for v0 in range(0, V, BLOCK_V):
             m_v, b_z, b_y = _load_tiles(p_s, p_t, v0, o_v, V, inv_temperature, "")
+            if HAS_CE and not CE_SHARED:
+                b_r = tl.load(p_s + v0 + o_v, mask=m_v, other=float("-inf")).to(tl.float32)  # [BLOCK_V]
+                b_mr_new = tl.maximum(b_mr, tl.max(b_r, axis=0))
+                b_sr = b_sr * tl.exp(b_mr - _safe_max(b_mr_new)) + tl.sum(tl.exp(b_r - _safe_max(b_mr_new)), axis=0)
+                b_mr = b_mr_new
             b_mz_new = tl.maximum(b_mz, tl.max(b_z, axis=0))
             b_my_new = tl.maximum(b_my, tl.max(b_y, axis=0))
             b_alpha_z = tl.exp(b_mz - _safe_max(b_mz_new))
@@ -167,6 +195,17 @@ def distill_loss_rows_kernel(
         # The passes alternate direction so that each starts on the tiles the previous one read last, which are the
         # likeliest to still be in L2 (a bf16 row pair of a 128k vocabulary is 0.5 MB, too much to keep whole).
         n_tiles = tl.cdiv(V, BLOCK_V)
+        b_mc = b_mz  # the CE's max and log sum-exp: the student's own at T == 1
+        log_sc = log_sz
+        ce_coef = 0.0
+        if HAS_CE:
+            if not CE_SHARED:
+                b_mc = b_mr
+                log_sc = tl.log(b_sr)
+            b_zl = tl.load(p_s + label).to(tl.float32)
+            tl.store(ce_rows_ptr + i_n, -((b_zl - b_mc) - log_sc))
+            if NEED_GRAD:
+                ce_coef = tl.load(grad_scale_ptr).to(tl.float32) * ce_weight
 
         if TWO_PASS:
             if DIVERGENCE == FORWARD_KL:
@@ -187,10 +226,17 @@ def distill_loss_rows_kernel(
                         b_g = b_ps - tl.exp(b_lt)
                     else:
                         b_g = tl.where(b_ps == 0, 0.0, b_ps * (b_ls - b_lt - b_loss))
+                    b_g = b_coef * b_g
+                    if HAS_CE:
+                        if CE_SHARED:
+                            b_g += ce_coef * (b_ps - tl.where(v0 + o_v == label, 1.0, 0.0))
+                        else:
+                            b_r = tl.load(p_s + v0 + o_v, mask=m_v, other=float("-inf")).to(tl.float32)
+                            b_g = _add_ce_grad(b_g, b_r, b_mc, log_sc, v0 + o_v, label, ce_coef)
                     # the gradient is not read again here: stream it past L2
                     tl.store(
                         p_g + v0 + o_v,
-                        (b_coef * b_g).to(grad_ptr.dtype.element_ty),
+                        b_g.to(grad_ptr.dtype.element_ty),
                         mask=m_v,
                         eviction_policy="evict_first",
                     )
@@ -216,16 +262,24 @@ def distill_loss_rows_kernel(
                     b_ps, b_d, b_a = _element_terms(
                         (b_z - b_mz) - log_sz, (b_y - b_my) - log_sy, beta, log_beta, log_1m_beta, DIVERGENCE
                     )
-                    b_g = tl.where(b_ps == 0, 0.0, b_ps * (b_a - b_c))
+                    b_g = b_coef * tl.where(b_ps == 0, 0.0, b_ps * (b_a - b_c))
+                    if HAS_CE:
+                        if CE_SHARED:
+                            b_g += ce_coef * (b_ps - tl.where(v0 + o_v == label, 1.0, 0.0))
+                        else:
+                            b_r = tl.load(p_s + v0 + o_v, mask=m_v, other=float("-inf")).to(tl.float32)
+                            b_g = _add_ce_grad(b_g, b_r, b_mc, log_sc, v0 + o_v, label, ce_coef)
                     tl.store(
                         p_g + v0 + o_v,
-                        (b_coef * b_g).to(grad_ptr.dtype.element_ty),
+                        b_g.to(grad_ptr.dtype.element_ty),
                         mask=m_v,
                         eviction_policy="evict_first",
                     )
     else:
         # ignored row: loss 0 and gradient 0, without reading the logits
         tl.store(loss_ptr + i_n, 0.0)
+        if HAS_CE:
+            tl.store(ce_rows_ptr + i_n, 0.0)
         if NEED_GRAD:
             for v0 in range(0, V, BLOCK_V):
                 m_v = v0 + o_v < V

@@ -35,7 +35,7 @@ def test_extension_imports_and_registers_ops():
         op = getattr(torch.ops.fastdistill, name).default
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CPU"), name
     schema = str(torch.ops.fastdistill.distill_loss_rows.default._schema)
-    assert "Tensor? labels" in schema and "bool need_grad" in schema
+    assert "Tensor? labels" in schema and "bool need_grad" in schema and "float ce_weight=0." in schema
     if ext.WITH_CUDA:
         assert torch._C._dispatch_has_kernel_for_dispatch_key("fastdistill::distill_loss_rows", "CUDA")
 
@@ -57,7 +57,7 @@ def test_extension_coexists_with_python_custom_ops():
         "for name in ('distill_loss', 'kl_div', 'distill_loss_rows', 'kl_div_rows'):\n"
         "    getattr(ops, name)\n"
         "s, t = torch.randn(3, 5), torch.randn(3, 5)\n"
-        "rows, grad = ops.distill_loss_rows(s, t, None, torch.ones(1), 0, 0.0, 1.0, -100, 1.0, True)\n"
+        "rows, grad, ce = ops.distill_loss_rows(s, t, None, torch.ones(1), 0, 0.0, 1.0, -100, 1.0, True)\n"
         "assert rows.shape == (3,) and grad.shape == (3, 5)\n"
         "print('ok')\n"
     )
@@ -73,8 +73,15 @@ def test_fake_impls_registered():
 
     with FakeTensorMode():
         s, t = torch.empty(4, 9), torch.empty(4, 9)
-        rows, grad = torch.ops.fastdistill.distill_loss_rows(s, t, None, torch.ones(1), 0, 0.0, 1.0, -100, 1.0, True)
-        assert rows.shape == (4,) and rows.dtype == torch.float32 and grad.shape == (4, 9)
+        rows, grad, ce = torch.ops.fastdistill.distill_loss_rows(
+            s, t, None, torch.ones(1), 0, 0.0, 1.0, -100, 1.0, True
+        )
+        assert rows.shape == (4,) and rows.dtype == torch.float32 and grad.shape == (4, 9) and ce.numel() == 0
+        labels = torch.zeros(4, dtype=torch.long)
+        _, _, ce = torch.ops.fastdistill.distill_loss_rows(
+            s, t, labels, torch.ones(1), 0, 0.0, 1.0, -100, 1.0, True, 1.0
+        )
+        assert ce.shape == (4,) and ce.dtype == torch.float32
         rows, grad = torch.ops.fastdistill.kl_div_rows(s, t, torch.ones(1), False, False)
         assert rows.shape == (4,) and grad.numel() == 0
 

@@ -50,9 +50,11 @@ def rows_op(
     ignore_index=IGNORE,
 ):
     scale = torch.tensor([grad_scale], dtype=torch.float32)
-    return torch.ops.fastdistill.distill_loss_rows(
+    rows, grad, ce = torch.ops.fastdistill.distill_loss_rows(
         student, teacher, labels, scale, divergence, beta, temperature, ignore_index, loss_scale, need_grad
     )
+    assert ce.numel() == 0  # ce_weight defaults to 0: no CE term
+    return rows, grad
 
 
 def reference_rows(
@@ -414,3 +416,91 @@ def test_threads_give_identical_results():
     finally:
         torch.set_num_threads(prev)
     torch.testing.assert_close(one, two, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------- fused cross-entropy term
+def reference_ce_rows(student, teacher, labels, grad_scale, divergence, beta, temperature, loss_scale, ce_weight):
+    """float64 (divergence rows, ce rows, grad_scale * d (sum rows + ce_weight * sum ce) / d student); CE at T = 1."""
+    name = DIVERGENCES[divergence]
+    s = student.detach().double().requires_grad_()
+    valid = labels != IGNORE
+    rows = ref.divergence_rows(s, teacher.double(), name, beta, temperature) * loss_scale
+    rows = torch.where(valid, rows, torch.zeros_like(rows))
+    ce = F.cross_entropy(s, torch.where(valid, labels, 0), reduction="none")
+    ce = torch.where(valid, ce, torch.zeros_like(ce))
+    (grad,) = torch.autograd.grad((rows.sum() + ce_weight * ce.sum()) * grad_scale, s)
+    return rows.detach(), ce.detach(), grad
+
+
+@pytest.mark.parametrize("need_grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0], ids=["T1", "T2"])
+@pytest.mark.parametrize("divergence", range(len(DIVERGENCES)), ids=list(DIVERGENCES))
+def test_fused_ce_term_matches_reference(capability, divergence, temperature, need_grad):
+    """ce_weight > 0: CE rows and the gradient of both terms (the cached forward-KL kernel at T = 1, the generic
+    row with the raw student's extra online sum at T != 1), ignored rows 0 everywhere; V > the cached block (2048)."""
+    torch.manual_seed(200 + 10 * divergence + int(temperature) + need_grad)
+    N, V = 13, 4099
+    s, t = logits(N, V), logits(N, V)
+    s[:, 3000:] += 4.0  # the running max moves late in the row
+    labels = torch.randint(0, V, (N,))
+    labels[::4] = IGNORE
+    labels[1] = V - 1
+    beta = 0.3 if DIVERGENCES[divergence] in ("skew_forward_kl", "skew_reverse_kl") else 0.6
+    scale = torch.tensor([0.37])
+    rows, grad, ce = torch.ops.fastdistill.distill_loss_rows(
+        s, t, labels, scale, divergence, beta, temperature, IGNORE, temperature**2, need_grad, 1.7
+    )
+    ref_rows, ref_ce, ref_grad = reference_ce_rows(
+        s, t, labels, 0.37, divergence, beta, temperature, temperature**2, 1.7
+    )
+    torch.testing.assert_close(ce.double(), ref_ce, rtol=1e-5, atol=1e-5)
+    if need_grad:
+        grad_rtol = 1e-4 if DIVERGENCES[divergence] == "tvd" else 2e-5
+        assert_rows_close(rows, grad, ref_rows, ref_grad, grad_rtol=grad_rtol)
+        assert (grad[labels == IGNORE] == 0).all()
+    else:
+        assert grad.numel() == 0
+        torch.testing.assert_close(rows.double(), ref_rows, rtol=1e-5, atol=1e-6)
+    assert (ce[labels == IGNORE] == 0).all() and (rows[labels == IGNORE] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=["bf16", "f64"])
+def test_fused_ce_term_dtypes(capability, dtype):
+    torch.manual_seed(7)
+    s, t = logits(6, 333, dtype=dtype), logits(6, 333, dtype=dtype)
+    labels = torch.tensor([3, IGNORE, 0, 332, 100, 5])
+    rows, grad, ce = torch.ops.fastdistill.distill_loss_rows(
+        s, t, labels, torch.ones(1), 0, 0.0, 1.0, IGNORE, 1.0, True, 0.5
+    )
+    ref_rows, ref_ce, ref_grad = reference_ce_rows(s, t, labels, 1.0, 0, 0.0, 1.0, 1.0, 0.5)
+    tol = (
+        dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+    )  # ce and loss rows are float32
+    assert grad.dtype == dtype
+    torch.testing.assert_close(ce.double(), ref_ce, **tol)
+    torch.testing.assert_close(rows.double(), ref_rows, **tol)
+    torch.testing.assert_close(grad.double(), ref_grad, **tol)
+
+
+def test_fused_ce_bad_input_names_the_argument():
+    s, t = logits(3, 10), logits(3, 10)
+    with pytest.raises(RuntimeError, match="needs labels"):
+        torch.ops.fastdistill.distill_loss_rows(s, t, None, torch.ones(1), 0, 0.0, 1.0, IGNORE, 1.0, True, 1.0)
+    with pytest.raises(RuntimeError, match="outside"):
+        torch.ops.fastdistill.distill_loss_rows(
+            s, t, torch.tensor([0, 10, 1]), torch.ones(1), 0, 0.0, 1.0, IGNORE, 1.0, True, 1.0
+        )
+    with pytest.raises(RuntimeError, match="ce_weight"):
+        torch.ops.fastdistill.distill_loss_rows(
+            s, t, torch.tensor([0, 1, 1]), torch.ones(1), 0, 0.0, 1.0, IGNORE, 1.0, True, -1.0
+        )
+
+
+def test_opcheck_row_op_with_ce():
+    torch.manual_seed(14)
+    s, t = logits(5, 67), logits(5, 67)
+    labels = torch.tensor([1, IGNORE, 3, 4, 66])
+    torch.library.opcheck(
+        torch.ops.fastdistill.distill_loss_rows.default,
+        (s, t, labels, torch.tensor([0.5]), 2, 0.5, 2.0, IGNORE, 4.0, True, 1.5),
+    )

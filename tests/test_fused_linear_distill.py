@@ -103,6 +103,38 @@ def test_matches_reference(divergence, mode, backend):
     _close(got, want)
 
 
+DENSE_CE_CASES = [(d, b) for d in ("forward_kl", "reverse_kl", "jsd") for b in BACKENDS if b != "cuda"]
+
+
+@pytest.mark.parametrize("T", [1.0, 1.7], ids=["T1", "T1.7"])
+@pytest.mark.parametrize("Vt", [401, 419], ids=["Vt_eq_Vs", "Vt_gt_Vs"])
+@pytest.mark.parametrize("divergence, backend", DENSE_CE_CASES, ids=["-".join(c) for c in DENSE_CE_CASES])
+def test_dense_hard_term_fused_into_row_kernel(divergence, backend, Vt, T, monkeypatch):
+    """hard_weight > 0 with a dense teacher covering the student's vocabulary: CE goes through the row kernel's fused
+    term (the separate CE pass must not run) and matches the float64 reference."""
+    import fastdistill.ops.fused_linear_distill as fld
+
+    def no_separate_ce_pass(*args, **kwargs):
+        raise AssertionError("the separate CE pass ran; expected the fused row-kernel term")
+
+    monkeypatch.setattr(fld, "_ce_rows_and_grad", no_separate_ce_pass)
+    N = 19 if (backend == "triton" and DEVICE.type == "cpu") else 41
+    p = _problem(N=N, Vs=401, Vt=Vt, seed=31)
+    kw = dict(divergence=divergence, beta=0.3, temperature=T, hard_weight=0.4, soft_weight=0.8)
+    teacher = _teacher(p, "dense", T)
+    want = _run(fused_linear_distill_loss_ref, p, teacher, **kw)
+    got = _run(FD.fused_linear_distill_loss, p, teacher, chunk_size=8, backend=backend, **kw)
+    _close(got, want)
+    parts_kw = dict(kw, return_parts=True)
+    args = (p["xs"], p["ws"])
+    parts = FD.fused_linear_distill_loss(
+        *args, labels=p["labels"], student_bias=p["bs"], **teacher, backend=backend, chunk_size=8, **parts_kw
+    )
+    ref_parts = fused_linear_distill_loss_ref(*args, labels=p["labels"], student_bias=p["bs"], **teacher, **parts_kw)
+    for got_part, want_part in zip(parts, ref_parts):
+        torch.testing.assert_close(got_part.double(), want_part.double(), rtol=2e-5, atol=2e-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "case",

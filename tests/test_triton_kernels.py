@@ -122,7 +122,7 @@ def test_many_small_tiles(divergence, block_v, V):
 
     s, t = _rand((2, V), seed=6), _rand((2, V), seed=7)
     s[:, 2 * V // 3 :] += 4.0  # the running max changes late in the row
-    rows, grad = distill_loss_rows_triton(
+    rows, grad, _ = distill_loss_rows_triton(
         s,
         t,
         None,
@@ -158,7 +158,7 @@ def test_grad_scale_and_loss_scale_in_the_kernel(divergence):
 
     s, t = _rand((5, 300), seed=10), _rand((5, 300), seed=11)
     grad_scale = torch.full((1,), 0.37, device=DEVICE)
-    rows, grad = distill_loss_rows_triton(
+    rows, grad, _ = distill_loss_rows_triton(
         s, t, None, grad_scale, op.canonical_divergence(DIV_ID[divergence], BETA), BETA, 2.0, -100, 4.0, True
     )
     ref_rows, ref_grad = _rows_reference(s, t, divergence, temperature=2.0, loss_scale=4.0, grad_scale=0.37)
@@ -240,7 +240,7 @@ def test_need_grad_false(divergence):
 
     s, t = _rand((6, 500), seed=24), _rand((6, 500), seed=25)
     labels = _labels((6,), 500)
-    rows, grad = distill_loss_rows_triton(
+    rows, grad, _ = distill_loss_rows_triton(
         s, t, labels, torch.ones(1, device=DEVICE), DIV_ID[divergence], BETA, 1.0, -100, 1.0, False
     )
     assert grad.numel() == 0
@@ -374,7 +374,7 @@ from triton.compiler import ASTSource
 from fastdistill.kernels.distill_loss import distill_loss_rows_kernel
 from fastdistill.kernels.kl_div import kl_div_rows_kernel
 
-def build(jit, sig, consts):
+def build(jit, sig, consts, scalar_loads=0):
     names = jit.arg_names
     aligned = [n for n, ty in sig.items() if ty.startswith("*") or n.startswith("stride") or n == "V"]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}  # what the launcher's specialization sees
@@ -384,16 +384,26 @@ def build(jit, sig, consts):
     ptx = k.asm["ptx"]
     loads = re.findall(r"ld\.global[\w:.]*", ptx)
     assert any(ld.endswith(".v4.b32") for ld in loads), "bf16 tiles are not loaded with 16-byte vectors"
-    assert not any(ld.endswith(".b16") for ld in loads), f"element-wise bf16 loads: {loads}"
+    # scalar_loads: single-element bf16 reads that are not tile loads (the fused CE reads the label's logit once)
+    assert sum(ld.endswith(".b16") for ld in loads) <= scalar_loads, f"element-wise bf16 loads: {loads}"
     assert ".local" not in ptx, "register spills"
 
 common = {"grad_scale_ptr": "*fp32", "loss_ptr": "*fp32", "stride_g": "i64"}
-for div, has_labels, need_grad in ((0, True, True), (1, False, False), (2, True, True), (3, False, True)):
+# (divergence, labels, gradient, fused CE, CE shares the student's statistics (T == 1))
+for div, has_labels, need_grad, has_ce, ce_shared in (
+    (0, True, True, False, True), (1, False, False, False, True), (2, True, True, False, True),
+    (3, False, True, False, True), (0, True, True, True, True), (0, True, True, True, False),
+    (2, True, True, True, False), (1, True, False, True, False),
+):
     sig = {"student_ptr": "*bf16", "teacher_ptr": "*bf16", "stride_s": "i64", "stride_t": "i64", "V": "i32",
            "inv_temperature": "fp32", "beta": "fp32", "log_beta": "fp32", "log_1m_beta": "fp32", "loss_scale": "fp32",
-           "ignore_index": "i32", **common}
+           "ignore_index": "i32", "ce_weight": "fp32", **common}
     consts = {"DIVERGENCE": div, "BLOCK_V": 4096, "HAS_LABELS": has_labels, "NEED_GRAD": need_grad,
-              "TWO_PASS": div in (0, 1)}
+              "TWO_PASS": div in (0, 1), "HAS_CE": has_ce, "CE_SHARED": ce_shared}
+    if has_ce:
+        sig["ce_rows_ptr"] = "*fp32"
+    else:
+        consts["ce_rows_ptr"] = None
     if has_labels:
         sig["labels_ptr"] = "*i64"
     else:
@@ -402,7 +412,7 @@ for div, has_labels, need_grad in ((0, True, True), (1, False, False), (2, True,
         sig["grad_ptr"] = "*bf16"
     else:
         consts["grad_ptr"] = None
-    build(distill_loss_rows_kernel.fn, sig, consts)
+    build(distill_loss_rows_kernel.fn, sig, consts, scalar_loads=int(has_ce))
 sig = {"input_ptr": "*bf16", "target_ptr": "*bf16", "grad_ptr": "*bf16", "stride_x": "i64", "stride_t": "i64",
        "V": "i32", **common}
 build(kl_div_rows_kernel.fn, sig, {"LOG_TARGET": True, "BLOCK_V": 4096, "NEED_GRAD": True})
@@ -424,3 +434,106 @@ def test_kernels_compile_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------- fused cross-entropy term
+def _ce_reference(s, t, labels, divergence, temperature, loss_scale, grad_scale, ce_weight, ignore_index=-100):
+    """float64 (divergence rows, ce rows, grad_scale * d (sum rows + ce_weight * sum ce) / d student) of the row
+    contract with the fused CE term (CE at T = 1 on the raw logits; ignored rows 0 in both)."""
+    s64 = s.detach().double().requires_grad_(True)
+    valid = labels != ignore_index
+    rows = R.divergence_rows(s64, t.detach().double(), divergence, BETA, temperature) * loss_scale
+    rows = torch.where(valid, rows, torch.zeros_like(rows))
+    ce = F.cross_entropy(s64, torch.where(valid, labels, 0), reduction="none")
+    ce = torch.where(valid, ce, torch.zeros_like(ce))
+    ((rows.sum() + ce_weight * ce.sum()) * grad_scale).backward()
+    return rows.detach(), ce.detach(), s64.grad
+
+
+@pytest.mark.parametrize("divergence", R.DIVERGENCES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0], ids=["T1", "T2"])
+def test_fused_ce_term_matches_reference(divergence, temperature):
+    """ce_weight > 0: ce_rows and the gradient of both terms, against float64; ignored rows are 0 in all outputs."""
+    from fastdistill.ops.distill_loss_triton import distill_loss_rows_triton
+
+    N, V = 9, 301
+    s, t = _rand((N, V), seed=40), _rand((N, V), seed=41)
+    s[:, 2 * V // 3 :] += 4.0  # the running max moves late in the row
+    labels = _labels((N,), V, seed=42)
+    labels[0] = -100
+    grad_scale, ce_weight = 0.37, 1.7
+    rows, grad, ce = distill_loss_rows_triton(
+        s,
+        t,
+        labels,
+        torch.full((1,), grad_scale, device=DEVICE),
+        op.canonical_divergence(DIV_ID[divergence], BETA),
+        BETA,
+        temperature,
+        -100,
+        temperature**2,
+        True,
+        ce_weight,
+        block_v=64,
+    )
+    ref_rows, ref_ce, ref_grad = _ce_reference(
+        s, t, labels, divergence, temperature, temperature**2, grad_scale, ce_weight
+    )
+    _close(rows, ref_rows)
+    _close(ce, ref_ce)
+    _close(grad, ref_grad)
+    assert (grad[labels.cpu() == -100] == 0).all() and (ce[labels.cpu() == -100] == 0).all()
+    # without a gradient: the same loss rows and ce rows
+    rows2, grad2, ce2 = distill_loss_rows_triton(
+        s,
+        t,
+        labels,
+        torch.ones(1, device=DEVICE),
+        op.canonical_divergence(DIV_ID[divergence], BETA),
+        BETA,
+        temperature,
+        -100,
+        temperature**2,
+        False,
+        ce_weight,
+    )
+    assert grad2.numel() == 0
+    _close(rows2, ref_rows)
+    _close(ce2, ref_ce)
+
+
+def test_fused_ce_weight_zero_returns_empty_ce():
+    from fastdistill.ops.distill_loss_triton import distill_loss_rows_triton
+
+    s, t = _rand((3, 50), seed=43), _rand((3, 50), seed=44)
+    rows, grad, ce = distill_loss_rows_triton(s, t, None, torch.ones(1, device=DEVICE), 0, 0.0, 1.0, -100, 1.0, True)
+    assert ce.numel() == 0 and rows.shape == (3,) and grad.shape == (3, 50)
+    with pytest.raises(ValueError, match="needs labels"):
+        distill_loss_rows_triton(s, t, None, torch.ones(1, device=DEVICE), 0, 0.0, 1.0, -100, 1.0, True, 0.5)
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0], ids=["T1", "T2"])
+def test_fused_ce_term_torch_fallback(backend, temperature):
+    """The torch fallback of the row contract with the CE term, against the same float64 reference."""
+    s, t = _rand((7, 211), seed=45), _rand((7, 211), seed=46)
+    labels = _labels((7,), 211, seed=47)
+    labels[1] = -100
+    rows, grad, ce = op.distill_loss_rows(
+        s,
+        t,
+        labels,
+        torch.full((1,), 0.5, device=DEVICE),
+        DIV_ID["jsd"],
+        BETA,
+        temperature,
+        -100,
+        1.0,
+        True,
+        backend,
+        ce_weight=2.0,
+    )
+    ref_rows, ref_ce, ref_grad = _ce_reference(s, t, labels, "jsd", temperature, 1.0, 0.5, 2.0)
+    _close(rows, ref_rows)
+    _close(ce, ref_ce)
+    _close(grad, ref_grad)

@@ -13,11 +13,22 @@ import torch
 
 @torch.library.register_fake("fastdistill::distill_loss_rows")
 def _distill_loss_rows_fake(
-    student, teacher, labels, grad_scale, divergence, beta, temperature, ignore_index, loss_scale, need_grad
+    student,
+    teacher,
+    labels,
+    grad_scale,
+    divergence,
+    beta,
+    temperature,
+    ignore_index,
+    loss_scale,
+    need_grad,
+    ce_weight=0.0,
 ):
     rows = student.new_empty((student.shape[0],), dtype=torch.float32)
     grad = student.new_empty(student.shape) if need_grad else student.new_empty((0,))
-    return rows, grad
+    ce_rows = student.new_empty((student.shape[0],) if ce_weight != 0 else (0,), dtype=torch.float32)
+    return rows, grad, ce_rows
 
 
 @torch.library.register_fake("fastdistill::kl_div_rows")

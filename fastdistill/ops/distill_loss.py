@@ -9,6 +9,16 @@ fallback), for ``student`` and ``teacher`` of shape [N, V] (last dim contiguous,
 rows whose label equals ``ignore_index`` get loss 0 and gradient 0; ``grad_scale`` is a float32 tensor of one element
 (on the device, so batchmean's 1 / n_valid needs no host sync); when ``need_grad`` is False, ``grad`` is an empty
 tensor and no [N, V] memory is written.
+
+Optional hard (cross-entropy) term, fused into the same passes over the row: with ``ce_weight`` > 0 (``labels``
+required; a non-ignored label must lie in [0, V)) the kernel also returns
+
+    ce_rows[i] = lse(student[i]) - student[i, labels[i]]                                 float32 [N]
+    grad[i, :] += grad_scale * ce_weight * (softmax(student[i]) - onehot(labels[i]))
+
+at temperature 1 (raw logits, no T and no loss_scale); ignored rows get ce 0. When T == 1 the student's log-sum-exp
+is shared with the divergence (no extra exp); otherwise pass 1 keeps one more online sum, exp(student - max). With
+``ce_weight`` == 0 nothing changes and ``ce_rows`` is an empty tensor. Every backend returns (loss_rows, grad, ce_rows).
 """
 
 from __future__ import annotations
@@ -35,8 +45,9 @@ def canonical_divergence(divergence: int, beta: float) -> int:
     return divergence
 
 
-def resolve_backend(device: torch.device, divergence: int, backend: str | None = None) -> str:
-    cuda_op = "distill_loss_rows" if divergence in CUDA_DIVERGENCES else None
+def resolve_backend(device: torch.device, divergence: int, backend: str | None = None, with_ce: bool = False) -> str:
+    # the CUDA C++ kernel has no fused CE term (it rejects ce_weight != 0): route those calls elsewhere
+    cuda_op = "distill_loss_rows" if divergence in CUDA_DIVERGENCES and not with_ce else None
     return _backend.choose_backend(device, cpp_op="distill_loss_rows", cuda_op=cuda_op, backend=backend)
 
 
@@ -77,22 +88,48 @@ def _student_grad_torch(s: torch.Tensor, t: torch.Tensor, divergence: int, beta:
     return ps * (a - (ps * a).sum(-1, keepdim=True))
 
 
+def _check_ce(labels: torch.Tensor | None, ce_weight: float) -> None:
+    if ce_weight < 0 or ce_weight != ce_weight:
+        raise ValueError(f"ce_weight must be >= 0, got {ce_weight}")
+    if ce_weight != 0 and labels is None:
+        raise ValueError("ce_weight > 0 needs labels (the cross-entropy targets), got labels=None")
+
+
 def _rows_torch(
-    student, teacher, labels, grad_scale, divergence, beta, temperature, ignore_index, loss_scale, need_grad
+    student,
+    teacher,
+    labels,
+    grad_scale,
+    divergence,
+    beta,
+    temperature,
+    ignore_index,
+    loss_scale,
+    need_grad,
+    ce_weight=0.0,
 ):
     """Torch fallback of the row contract: loss from the reference, gradient in closed form (fp32 temporaries)."""
+    _check_ce(labels, ce_weight)
     s = torch.log_softmax(student.float() / temperature, dim=-1)
     t = torch.log_softmax(teacher.float() / temperature, dim=-1)
     rows = divergence_rows(student.float(), teacher.float(), DIVERGENCES[divergence], beta, temperature) * loss_scale
     valid = None if labels is None else (labels != ignore_index)
     if valid is not None:
         rows = torch.where(valid, rows, torch.zeros_like(rows))
+    ce_rows = rows.new_empty(0)
+    if ce_weight != 0:
+        log_p1 = s if temperature == 1.0 else torch.log_softmax(student.float(), dim=-1)
+        target = torch.where(valid, labels, torch.zeros_like(labels))[:, None].long()
+        ce_rows = torch.where(valid, -log_p1.gather(1, target).squeeze(1), torch.zeros_like(rows))
     if not need_grad:
-        return rows, student.new_empty(0)
+        return rows, student.new_empty(0), ce_rows
     grad = _student_grad_torch(s, t, divergence, beta) * (grad_scale * (loss_scale / temperature))
+    if ce_weight != 0:
+        ce_grad = log_p1.exp().scatter_add_(1, target, torch.full_like(target, -1.0, dtype=torch.float32))
+        grad = grad + ce_grad * (grad_scale * ce_weight)
     if valid is not None:
         grad = torch.where(valid[:, None], grad, torch.zeros_like(grad))
-    return rows, grad.to(student.dtype)
+    return rows, grad.to(student.dtype), ce_rows
 
 
 def distill_loss_rows(
@@ -107,10 +144,26 @@ def distill_loss_rows(
     loss_scale: float,
     need_grad: bool,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the row kernel on an already-resolved ``backend`` (see the module docstring for the contract)."""
+    ce_weight: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the row kernel on an already-resolved ``backend`` (see the module docstring for the contract).
+
+    Returns (loss_rows, grad, ce_rows); ``ce_rows`` is empty when ``ce_weight`` is 0.
+    """
     divergence = canonical_divergence(divergence, beta)
-    args = (student, teacher, labels, grad_scale, divergence, beta, temperature, ignore_index, loss_scale, need_grad)
+    args = (
+        student,
+        teacher,
+        labels,
+        grad_scale,
+        divergence,
+        beta,
+        temperature,
+        ignore_index,
+        loss_scale,
+        need_grad,
+        float(ce_weight),
+    )
     if backend == "triton":
         from fastdistill.ops.distill_loss_triton import distill_loss_rows_triton
 
@@ -157,7 +210,7 @@ def distill_loss_op(
         grad_scale = torch.ones((), dtype=torch.float32, device=s.device)
     grad_scale = grad_scale.reshape(1)
     loss_scale = temperature * temperature if scale_by_t2 else 1.0
-    rows, grad = distill_loss_rows(
+    rows, grad, _ = distill_loss_rows(
         s, t, lab, grad_scale, divergence, beta, temperature, ignore_index, loss_scale, need_grad, backend
     )
     if reduction == REDUCTION_ID["none"]:

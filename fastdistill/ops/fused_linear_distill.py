@@ -13,8 +13,11 @@ them by grad_output. Every chunk-local temporary is O(C x V); nothing O(N x V) i
 The soft term of a dense teacher is one call of the shared row kernel ``distill_loss_rows`` (Triton / C++ / torch)
 over the common vocabulary prefix ``[:min(Vs, Vt)]`` (the extra, padding columns are sliced off, so they are excluded
 from both softmaxes instead of being zero-padded). The hard term (cross-entropy over the student's full vocabulary at
-temperature 1) is computed from the same chunk logits; for a dense teacher it reads the chunk once more for its
-logsumexp, because the row kernel does not return the student's softmax statistics. The top-k path computes the
+temperature 1) is fused into that same row-kernel call (its ``ce_weight`` term), which shares the student's softmax
+statistics between the two terms and writes one dlogits for both; only when the teacher's vocabulary is smaller than
+the student's (Vt < Vs: the divergence sees a prefix, CE the full row) is CE a separate torch pass over the chunk
+logits (as it is when there is no soft term, or with an explicit ``backend="cuda"``, whose C++ kernel has no CE term).
+The top-k path computes the
 student's logsumexp at T and at 1 in one pass (``_topk_chunk_torch`` / the Triton kernels in
 ``fastdistill.kernels.topk_distill``) and shares it between the CE and the sparse divergence.
 
@@ -285,13 +288,34 @@ def _dense_chunk(
     need_grad,
     soft_backend,
 ):
-    """Dense teacher chunk: the row kernel on the common vocabulary prefix, CE on the same logits."""
+    """Dense teacher chunk: the row kernel on the common vocabulary prefix, CE fused into it (one call) when the
+    kernel sees the student's full row, else CE on the same logits."""
     Vc = min(s.shape[1], t.shape[1]) if t is not None else s.shape[1]
     soft_rows = ce_rows = None
     dlogits = None
+    # the CUDA C++ kernel (only reached with an explicit backend="cuda") has no CE term: it keeps the separate pass
+    fuse = need_soft and need_hard and Vc == s.shape[1] and soft_backend != "cuda"
+    if fuse and soft_scale > 0 and hard_scale > 0:
+        # the kernel scales the CE gradient by grad_scale * ce_weight = soft_scale * (hard_scale / soft_scale)
+        grad_scale = torch.full((1,), soft_scale, dtype=torch.float32, device=s.device)
+        soft_rows, dlogits, ce_rows = _dl.distill_loss_rows(
+            s,
+            t[:, :Vc],
+            labels,
+            grad_scale,
+            divergence,
+            beta,
+            temperature,
+            -100,
+            loss_scale,
+            need_grad,
+            soft_backend,
+            ce_weight=hard_scale / soft_scale,
+        )
+        return ce_rows, soft_rows, dlogits if need_grad else None
     if need_soft:
         grad_scale = torch.full((1,), soft_scale, dtype=torch.float32, device=s.device)
-        soft_rows, g_soft = _dl.distill_loss_rows(
+        soft_rows, g_soft, _ = _dl.distill_loss_rows(
             s[:, :Vc],
             t[:, :Vc],
             None,
