@@ -132,7 +132,9 @@ def _tiled_torch(sq, sk, tq, tk, attention_mask, causal, ss, st, row_weight, nee
                 del s_blk, t_blk, p_s, p_t
 
     workers = _cpu_workers(sq.device, N)
-    if workers == 1:
+    # worker threads inherit neither the grad mode nor the dispatch modes (fake / functional tensors under
+    # torch.compile and opcheck): run serially whenever a mode is active, and the workers under no_grad
+    if workers == 1 or torch._C._len_torch_dispatch_stack() > 0:
         run(0, N, TORCH_BLOCK_ELEMENTS)
     else:
         # one thread per slice of batch-heads, each running single-threaded torch ops: a block's ops are many
@@ -141,7 +143,8 @@ def _tiled_torch(sq, sk, tq, tk, attention_mask, causal, ss, st, row_weight, nee
 
         def job(i: int) -> None:
             torch.set_num_threads(1)  # this worker thread only (OpenMP thread-local setting)
-            run(bounds[i], bounds[i + 1], TORCH_BLOCK_ELEMENTS // workers)
+            with torch.no_grad():
+                run(bounds[i], bounds[i + 1], TORCH_BLOCK_ELEMENTS // workers)
 
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(job, range(workers)))
