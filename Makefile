@@ -46,9 +46,11 @@ ext: install
 test: install
 	$(PY) -m pytest tests -q -ra $(PYTEST_ARGS)
 
-# the main job on its embedded default: SmolLM2-135M-Instruct -> a 6-layer student, held-out perplexity before / after
+# the main job on its embedded default: SmolLM2-135M-Instruct -> a 6-layer student, held-out perplexity before / after;
+# ARGS="key=value ..." overrides config keys (e.g. make demo ARGS="schedule.max_steps=30")
+ARGS ?=
 demo: install
-	$(BIN)/fastdistill train --config configs/demo_smollm2.yaml
+	$(BIN)/fastdistill train --config configs/demo_smollm2.yaml $(ARGS)
 
 # kernel and trainer microbenchmarks on this machine (CPU presets; rows appended to benchmarks/results/*.csv)
 bench: install

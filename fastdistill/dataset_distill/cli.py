@@ -1,4 +1,7 @@
-"""``fastdistill dataset-distill {experts,run,evaluate,all} --config run.yaml``."""
+"""``fastdistill dataset-distill {experts,run,evaluate,all} --config run.yaml [key=value ...]``.
+
+``key=value`` overrides use the same syntax as ``fastdistill train`` (``distill.iterations=50``, values parsed as YAML).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import sys
 
 import torch
 
+from fastdistill._config import check_writable
 from fastdistill.dataset_distill.config import ConfigError, RunConfig, load_config
 from fastdistill.dataset_distill.data import DataError
 
@@ -28,9 +32,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", required=True, help="YAML run file (see configs/mtt_*.yaml)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="override config keys, values parsed as YAML (e.g. distill.iterations=50), as in fastdistill train",
+    )
     args = parser.parse_args(argv)
+    cfg = None
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, args.overrides)
+        check_writable("run_dir", cfg.run_dir)
         _setup(cfg)
         progress = not args.no_progress
         if args.command in ("experts", "all"):
@@ -45,9 +57,20 @@ def main(argv: list[str] | None = None) -> int:
             from fastdistill.dataset_distill.evaluate import evaluate
 
             evaluate(cfg, progress=progress)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except ConfigError as err:
+        print(f"fastdistill dataset-distill: config error: {err}", file=sys.stderr)
+        return 2
+    except (DataError, FileNotFoundError) as err:
         print(f"fastdistill dataset-distill: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        where = f" in {cfg.run_dir!r}" if cfg is not None else ""
+        print(
+            f"\nfastdistill dataset-distill: interrupted; finished experts and checkpoints stay{where}: "
+            "the same command resumes from them",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 

@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from fastdistill._config import ConfigError, apply_overrides, read_yaml
 from fastdistill.dataset_distill.core import UNROLL_MODES
 from fastdistill.dataset_distill.data import DATASETS
 
-
-class ConfigError(ValueError):
-    pass
+__all__ = ["ConfigError", "RunConfig", "from_dict", "load_config", "save_resolved", "to_dict"]
 
 
 @dataclass
@@ -185,15 +184,9 @@ def from_dict(raw: dict) -> RunConfig:
     return cfg
 
 
-def load_config(path: str) -> RunConfig:
-    if not os.path.isfile(path):
-        raise ConfigError(f"--config {path!r}: no such file")
-    with open(path) as f:
-        try:
-            raw = yaml.safe_load(f)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--config {path!r} is not valid YAML: {err}") from err
-    return from_dict(raw or {})
+def load_config(path: str, overrides: list[str] | None = None) -> RunConfig:
+    """Read the YAML run file at ``path``, apply ``key=value`` overrides (``distill.iterations=50``) and check it."""
+    return from_dict(apply_overrides(read_yaml(path), overrides or []))
 
 
 def to_dict(cfg: RunConfig) -> dict:

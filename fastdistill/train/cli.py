@@ -42,13 +42,17 @@ def _environment() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    launched = "LOCAL_RANK" in os.environ  # by the deepspeed launcher (a single process sets it later, in the recipe)
+    from fastdistill.train import errors
     from fastdistill.train.config import ConfigError, load_config
+    from fastdistill.train.resume import RunFinished
 
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"fastdistill train: config error: {e}", file=sys.stderr)
+        errors.report(str(e))
         return 2
     if args.print_config:
         import yaml
@@ -56,9 +60,23 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(cfg, sort_keys=False), end="")
         return 0
     _environment()
-    from fastdistill.train.recipe import run
+    out_dir = cfg["run"]["output_dir"]
+    existed = os.path.exists(out_dir)
+    try:
+        from fastdistill.train.recipe import run
 
-    run(cfg)
+        run(cfg)
+    except ConfigError as e:
+        errors.remove_if_only_config(out_dir, existed)
+        errors.report(str(e))
+        return 2
+    except RunFinished as e:
+        errors.report(str(e), kind="", file=sys.stdout)
+        return 0
+    except KeyboardInterrupt:
+        print(file=sys.stderr)  # end the progress bar's line
+        errors.report(errors.interrupted(cfg, argv, launched), kind="")
+        return 130
     return 0
 
 

@@ -14,13 +14,13 @@ from typing import Any
 
 import yaml
 
+from fastdistill._config import ConfigError, apply_overrides, parse_override, read_yaml
+
+__all__ = ["ConfigError", "SCHEMA", "apply_overrides", "dump_config", "load_config", "parse_override", "validate"]
+
 BUILTIN_MODELS = ("smollm2-135m-instruct",)
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
 LOSS_TYPES = ("logit_kd", "hard_ce", "hint", "attention", "affinity")
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key, the value given and what was expected."""
 
 
 # A leaf is (types, default); a nested dict is a section. REQUIRED marks a key without default.
@@ -61,6 +61,7 @@ SCHEMA: dict[str, Any] = {
         "loss_impl": (_str, "fused"),  # fused (no [tokens x vocab] logits) | unfused (materialized torch losses)
         "threads": (_opt(_int), None),  # torch.set_num_threads per rank (None: torch's default / launcher's)
         "keep_checkpoints": (_int, 2),  # newest checkpoints kept in output_dir/checkpoints (0: all)
+        "final_checkpoint": (_bool, True),  # false: no resumable checkpoint at the end, only the exported student
     },
     "teacher": {
         "model": (_opt(_str), None),  # builtin name, a Hugging Face folder, or a .gguf file
@@ -299,44 +300,9 @@ def validate(cfg: dict) -> dict:
     return out
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected key=value (e.g. schedule.max_steps=10)")
-    key, value = text.split("=", 1)
-    if not key or any(not p for p in key.split(".")):
-        raise ConfigError(f"override {text!r}: expected a dotted key such as student.deepspeed.stage")
-    return key.split("."), yaml.safe_load(value) if value != "" else None
-
-
-def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
-    cfg = copy.deepcopy(cfg)
-    for text in overrides:
-        path, value = parse_override(text)
-        node = cfg
-        for part in path[:-1]:
-            if node.get(part) is None:
-                node[part] = {}
-            node = node[part]
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {part!r} is not a section")
-        node[path[-1]] = value
-    return cfg
-
-
 def load_config(path: str, overrides: list[str] | None = None) -> dict:
     """Read, override, resolve and validate the YAML run file at ``path``."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"--config: file {path!r} does not exist")
-    with open(path) as f:
-        try:
-            raw = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config {path!r}: not valid YAML ({e})") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"--config {path!r}: expected a mapping at the top level, got {type(raw).__name__}")
-    return validate(apply_overrides(raw, overrides or []))
+    return validate(apply_overrides(read_yaml(path), overrides or []))
 
 
 def dump_config(cfg: dict, path: str) -> None:

@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from fastdistill._config import ConfigError
+
 IGNORE_INDEX = -100
 
 
@@ -62,7 +64,7 @@ def split(sequences: torch.Tensor, heldout_fraction: float, max_train: int | Non
     if max_heldout is not None:
         held = held[:max_heldout]
     if len(train) == 0:
-        raise ValueError(
+        raise ConfigError(
             f"data: no training sequences left ({len(sequences)} packed sequences in all); "
             "lower data.seq_len or data.heldout_fraction"
         )

@@ -23,11 +23,12 @@ import numpy as np
 import torch
 
 from fastdistill.train import data as data_lib
-from fastdistill.train import models
-from fastdistill.train.config import dump_config
+from fastdistill.train import errors, models, output
+from fastdistill.train import resume as resume_lib
+from fastdistill.train.config import ConfigError, dump_config
 from fastdistill.train.losses import DistillLoss
 
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = resume_lib.CHECKPOINTS
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -44,6 +45,7 @@ def init_distributed() -> tuple[int, int]:
         os.environ.update(
             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
         )
+    output.prepare_deepspeed()
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -86,12 +88,16 @@ def student_ds_config(cfg: dict) -> dict:
         scheduler = {"type": sds["scheduler"]["type"], "params": dict(sds["scheduler"].get("params") or {})}
         if scheduler["type"] in ("WarmupCosineLR", "WarmupDecayLR"):
             scheduler["params"].setdefault("total_num_steps", steps)
+    optimizer = {"type": sds["optimizer"]["type"], "params": dict(sds["optimizer"].get("params") or {})}
+    if optimizer["type"].lower() in ("adam", "adamw") and not torch.cuda.is_available():
+        # DeepSpeed's default Adam on CPU is an op it compiles on first use (~20 s or more): torch's AdamW unless asked
+        optimizer["params"].setdefault("torch_adam", True)
     out = {
         "train_micro_batch_size_per_gpu": sds["micro_batch_size"],
         "gradient_accumulation_steps": sds["gradient_accumulation_steps"],
         "gradient_clipping": sds["gradient_clipping"],
         "zero_optimization": {"stage": sds["stage"]},
-        "optimizer": sds["optimizer"],
+        "optimizer": optimizer,
         "bf16": {"enabled": sds["precision"] == "bf16"},
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
@@ -151,11 +157,19 @@ def build_student(cfg: dict, teacher_model, loss_fn_factory):
         model.get_output_embeddings().weight.requires_grad_(False)
     wrapper = models.StudentWithLoss(model, loss_fn_factory(model.config.hidden_size))
     wrapper.train()
-    engine, *_ = deepspeed.initialize(
-        model=wrapper,
-        model_parameters=[p for p in wrapper.parameters() if p.requires_grad],
-        config=student_ds_config(cfg),
-    )
+    optimizer = s["deepspeed"]["optimizer"]
+    with errors.translate(
+        "student.deepspeed.optimizer",
+        (TypeError, ValueError),
+        f"expected the keyword arguments of DeepSpeed's {optimizer['type']!r} optimizer (e.g. lr, betas, eps, "
+        "weight_decay) under 'params'",
+        match="argument",
+    ):
+        engine, *_ = deepspeed.initialize(
+            model=wrapper,
+            model_parameters=[p for p in wrapper.parameters() if p.requires_grad],
+            config=student_ds_config(cfg),
+        )
     if s["deepspeed"]["stage"] == 3:
         # the loss reads the lm_head weight directly (not through lm_head.forward): ZeRO-3 must gather it for the
         # wrapper's forward and backward
@@ -195,6 +209,7 @@ def save_checkpoint(engine, cfg: dict, step: int, rank: int, keep: int) -> str:
     torch.save(rng_state(), os.path.join(folder, f"rng_rank{rank}.pt"))
     if rank == 0:
         dump_config(cfg, os.path.join(folder, "config.yaml"))
+        resume_lib.write_state(folder, step, dist.get_world_size())
     state = {
         "step": step,
         "micro_step": step * cfg["student"]["deepspeed"]["gradient_accumulation_steps"],
@@ -204,22 +219,14 @@ def save_checkpoint(engine, cfg: dict, step: int, rank: int, keep: int) -> str:
     engine.save_checkpoint(root, tag=tag, client_state={"fastdistill": state})
     dist.barrier()
     if rank == 0 and keep > 0:
-        tags = sorted(d for d in os.listdir(root) if d.startswith("step") and os.path.isdir(os.path.join(root, d)))
+        # oldest first by write time, not by name: a run restarted with run.resume=never writes lower step numbers
+        tags = sorted(
+            (d for d in os.listdir(root) if d.startswith("step") and os.path.isdir(os.path.join(root, d))),
+            key=lambda d: (d == tag, os.path.getmtime(os.path.join(root, d))),
+        )
         for old in tags[:-keep]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     return folder
-
-
-def resume_from(cfg: dict) -> str | None:
-    resume = cfg["run"]["resume"]
-    if resume == "never":
-        return None
-    if resume == "auto":
-        root = os.path.join(cfg["run"]["output_dir"], CHECKPOINTS)
-        return root if os.path.isfile(os.path.join(root, "latest")) else None
-    if not os.path.isdir(resume):
-        raise FileNotFoundError(f"run.resume: checkpoint folder {resume!r} does not exist")
-    return resume
 
 
 def load_checkpoint(engine, where: str, rank: int, world_size: int) -> int:
@@ -227,9 +234,12 @@ def load_checkpoint(engine, where: str, rank: int, world_size: int) -> int:
         root, tag = where, None
     else:  # a step folder
         root, tag = os.path.dirname(where.rstrip("/")), os.path.basename(where.rstrip("/"))
-    path, client = engine.load_checkpoint(root, tag=tag)
+    fresh = "start a new run with run.resume=never or another run.output_dir"
+    with errors.translate("run.resume", (AssertionError, RuntimeError, KeyError, ValueError), fresh):
+        # a safety net: resume.check has compared the configs already
+        path, client = engine.load_checkpoint(root, tag=tag)
     if path is None:
-        raise RuntimeError(f"run.resume: DeepSpeed could not load a checkpoint from {where!r}")
+        raise ConfigError(f"run.resume: DeepSpeed found no checkpoint to load in {where!r}; {fresh}")
     state = client["fastdistill"]
     rng_file = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), f"rng_rank{rank}.pt")
     if state["world_size"] == world_size and os.path.isfile(rng_file):
@@ -321,6 +331,8 @@ def run(cfg: dict) -> dict:
     import torch.distributed as dist
 
     t_start = time.time()
+    # paths, the output folder and the checkpoint to resume, on every rank before anything is loaded or written
+    ckpt = errors.preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     if cfg["run"]["threads"]:
         torch.set_num_threads(cfg["run"]["threads"])
     rank, world = init_distributed()
@@ -376,7 +388,7 @@ def run(cfg: dict) -> dict:
     )
     teacher_hidden_size = teacher_model.config.hidden_size
     if isinstance(tokenizer, data_lib.ByteTokenizer) and teacher_model.config.vocab_size < tokenizer.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"data.tokenizer: 'bytes' needs a teacher vocabulary >= 256, the teacher has "
             f"{teacher_model.config.vocab_size}"
         )
@@ -393,7 +405,7 @@ def run(cfg: dict) -> dict:
 
     # -- resume --------------------------------------------------------------------------------------------------
     start_step = 0
-    where = resume_from(cfg)
+    where = ckpt.folder if ckpt is not None else None
     if where is not None:
         start_step = load_checkpoint(student, where, rank, world)
         say(f"resumed from {where} at step {start_step}")
@@ -476,12 +488,14 @@ def run(cfg: dict) -> dict:
         )
         if metrics and step % sched["log_every"] == 0:
             metrics.log(step, row)
-        bar.update(1)
+        # the postfix first without a refresh, then one refresh by update: one line per step, with this step's loss
         bar.set_postfix_str(
             " ".join(f"{k[6:]}={v:.4f}" for k, v in row.items() if k.startswith("train/") and k != "train/lr")
             + f" tok/s={row['perf/tokens_per_s']:.0f} T/S={t_teacher / max(t_teacher + t_student, 1e-9):.0%}/"
-            f"{t_student / max(t_teacher + t_student, 1e-9):.0%}"
+            f"{t_student / max(t_teacher + t_student, 1e-9):.0%}",
+            refresh=False,
         )
+        bar.update(1)
         if sched["eval_every"] and step % sched["eval_every"] == 0 and step < sched["max_steps"]:
             s_ppl, _ = perplexity(eval_batches, None, student, teacher_weight)
             if rank == 0:
@@ -514,7 +528,9 @@ def run(cfg: dict) -> dict:
     )
     if metrics:
         metrics.log(step, {"eval/student_ppl": s_ppl})
-    if step > start_step or not os.path.isfile(os.path.join(out_dir, CHECKPOINTS, "latest")):
+    if cfg["run"]["final_checkpoint"] and (
+        step > start_step or not os.path.isfile(os.path.join(out_dir, CHECKPOINTS, "latest"))
+    ):
         save_checkpoint(student, cfg, step, rank, cfg["run"]["keep_checkpoints"])
     export_dir = os.path.join(out_dir, "student")
     export_student(student, tokenizer, export_dir, rank)
