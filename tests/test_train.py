@@ -263,6 +263,9 @@ def test_single_process_demo_config_with_tiny_model(teacher_dir, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=TIMEOUT)
     check(proc)
     assert "held-out perplexity: student" in proc.stdout
+    printed = proc.stdout + proc.stderr
+    for noise in ("built successfully", "FutureWarning", "[WARNING]", "Writing model shards", "Traceback"):
+        assert noise not in printed, (noise, printed[-3000:])
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["world_size"] == 1 and summary["steps"] == 3
     assert summary["student_ppl_after"] < summary["student_ppl_before"]
@@ -308,3 +311,77 @@ def test_every_loss_with_a_narrower_student_single_process(teacher_dir, tmp_path
         assert all(float(r[key]) >= 0 and float(r[key]) == float(r[key]) for r in rows), key
     exported = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "student"))
     assert exported.config.hidden_size == 32
+
+
+def test_progress_bar_prints_each_step_once_with_its_own_loss(teacher_dir, tmp_path):
+    out = str(tmp_path / "bar")
+    cmd = [sys.executable, "-m", "fastdistill.train", "--config", TINY, f"run.output_dir={out}"]
+    cmd += [f"teacher.model={teacher_dir}", "teacher.config=null", "schedule.max_steps=3", "schedule.save_every=0"]
+    cmd += ["run.final_checkpoint=false"]
+    proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    check(proc)
+    shown: dict[int, set[str]] = {}
+    for frame in proc.stderr.replace("\n", "\r").split("\r"):  # tqdm redraws with \r
+        if frame.startswith("distill:") and "loss=" in frame:
+            step = int(frame.split("|")[2].split("/")[0])
+            shown.setdefault(step, set()).add(frame.split("loss=")[1].split()[0])
+    ref = losses(out)
+    assert sorted(shown) == [1, 2, 3], proc.stderr
+    for step, values in shown.items():  # one loss per step, and it is that step's loss (never the previous one)
+        assert values == {f"{ref[step]:.4f}"}, (step, values, ref)
+    assert not os.path.exists(os.path.join(out, "checkpoints"))  # run.final_checkpoint=false: only the export
+    assert os.path.isfile(os.path.join(out, "student", "model.safetensors"))
+
+
+def test_resume_refuses_an_incompatible_checkpoint_once_per_launch(zero3_run, teacher_dir, tmp_path):
+    """The README's second command after the first (ZeRO-2 checkpoint, ZeRO-3 requested), another number of
+    processes, a finished run: one line from rank 0, before anything is built; nothing in the folder changes."""
+    out = str(tmp_path / "copy")
+    shutil.copytree(zero3_run, out)
+    before = sorted(os.listdir(os.path.join(out, "checkpoints")))
+    for overrides, nproc, code, words in [
+        (["student.deepspeed.stage=3", "schedule.max_steps=20"], 2, 2, ["student.deepspeed.stage 2 -> 3"]),
+        (["schedule.max_steps=20"], 1, 2, ["world size 2 -> 1"]),
+        ([], 2, 0, ["already at step 6 of schedule.max_steps=6", "schedule.max_steps=12"]),
+    ]:
+        proc = launch(out, teacher_dir, *overrides, nproc=nproc)
+        printed = proc.stdout + proc.stderr
+        assert proc.returncode == code, printed[-3000:]
+        assert printed.count("fastdistill train:") == 1, printed[-3000:]  # rank 0 only
+        for w in words:
+            assert w in printed, (w, printed[-3000:])
+        if code:
+            assert "config error" in printed and "run.resume=never" in printed and "Traceback" not in printed
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == before
+
+
+def test_optimizer_typo_is_one_line_from_rank_0(teacher_dir, tmp_path):
+    out = str(tmp_path / "typo")
+    proc = launch(out, teacher_dir, "student.deepspeed.optimizer.params.lrr=0.1", "schedule.max_steps=1")
+    printed = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert printed.count("fastdistill train: config error: student.deepspeed.optimizer") == 1, printed[-3000:]
+    assert "lrr" in printed and "Traceback" not in printed
+
+
+def test_ctrl_c_names_the_last_checkpoint_and_the_command(teacher_dir, tmp_path):
+    import signal
+
+    out = str(tmp_path / "interrupted")
+    cmd = [sys.executable, "-m", "fastdistill.train", "--config", TINY, f"run.output_dir={out}"]
+    cmd += [f"teacher.model={teacher_dir}", "teacher.config=null", "schedule.max_steps=500", "schedule.save_every=2"]
+    cmd += ["logging.progress_bar=false", "logging.tensorboard=false"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    latest = os.path.join(out, "checkpoints", "latest")
+    deadline = time.time() + TIMEOUT
+    while not os.path.isfile(latest) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout[-2000:] + stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    tag = open(latest).read().strip()
+    assert last.startswith("fastdistill train: interrupted; last checkpoint") and tag in last, stderr[-3000:]
+    assert "continue with: fastdistill train --config" in last and f"run.output_dir={out}" in last
+    assert "Traceback" not in stderr

@@ -74,9 +74,15 @@ def main(argv: list[str] | None = None) -> int:
         errors.report(str(e), kind="", file=sys.stdout)
         return 0
     except KeyboardInterrupt:
-        print(file=sys.stderr)  # end the progress bar's line
+        if errors.rank() == 0:
+            print(file=sys.stderr)  # end the progress bar's line
         errors.report(errors.interrupted(cfg, argv, launched), kind="")
         return 130
+    except Exception as e:
+        if launched and errors.peer_lost(e):
+            print(f"fastdistill train: {errors.lost_peer_line()}", file=sys.stderr, flush=True)
+            return 1
+        raise
     return 0
 
 

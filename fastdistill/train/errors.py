@@ -121,3 +121,23 @@ def interrupted(cfg: dict, argv: list[str], launched: bool) -> str:
     args = [a for a in argv if not a.startswith(("--local_rank", "--local-rank", "run.resume="))]
     command = shlex.join(["fastdistill", "train", *args]) + again
     return f"interrupted; last checkpoint {folder!r} (step {step}); continue with: {command}"
+
+
+# what gloo / nccl / the TCP store say when the process at the other end is gone
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """A collective failed because another rank exited (killed, crashed): this rank did nothing wrong."""
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(s in text for s in _PEER_GONE)
+
+
+def lost_peer_line() -> str:
+    """One line for a rank that stops because another exited. The deepspeed launcher's own last line pairs the exit
+    code of the rank that failed first with the command line of the last rank it started, so say which is which."""
+    return (
+        f"rank {rank()}: stopping, another rank exited first (its error, if any, is above; exit code -9 = killed, "
+        "e.g. out of memory). The launcher's last line shows that exit code next to the command of the last rank "
+        "it started, not necessarily the one that failed"
+    )
