@@ -250,6 +250,7 @@ DD_CASES = [
     ("choice", ["run", "distill.unroll=adjoint"], ["distill.unroll", "'adjoint'"]),
     ("positive", ["experts", "experts.lr=-0.1"], ["experts.lr", "positive"]),
     ("run_dir_under_file", ["experts", "run_dir={file}/mtt"], ["run_dir", "is a file"]),
+    ("data_root_missing", ["experts", "data.name=fashion_mnist", "data.root={tmp}/fm"], ["data.root", "/fm"]),
 ]
 
 
@@ -263,6 +264,21 @@ def test_dataset_distill_bad_input_is_one_line(env, capsys, argv, words):
     assert "\n" not in err and err.startswith("fastdistill dataset-distill: config error: "), err
     for w in _fill(words, env):
         assert w in err, (w, err)
+
+
+def test_cpu_student_uses_torch_adamw_unless_asked():
+    """DeepSpeed's own Adam on CPU is an op compiled on first use: the trainer asks for torch's unless told not to."""
+    import torch
+
+    from fastdistill.train.recipe import student_ds_config
+
+    cfg = minimal("runs/x")
+    cfg["student"]["deepspeed"] = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    if torch.cuda.is_available():
+        pytest.skip("the default concerns CPU-only machines")
+    assert student_ds_config(validate(cfg))["optimizer"]["params"] == {"lr": 1e-3, "torch_adam": True}
+    cfg["student"]["deepspeed"]["optimizer"]["params"]["torch_adam"] = False
+    assert student_ds_config(validate(cfg))["optimizer"]["params"]["torch_adam"] is False
 
 
 def test_dataset_distill_overrides_use_the_train_syntax():

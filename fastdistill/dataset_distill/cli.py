@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -43,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         check_writable("run_dir", cfg.run_dir)
+        if cfg.data.root is not None and not os.path.isdir(cfg.data.root):
+            raise ConfigError(
+                f"data.root: {cfg.data.root!r} is not a folder; expected the folder holding the dataset's IDX files "
+                "(or null: Debian's /usr/share/datasets/fashion-mnist)"
+            )
         _setup(cfg)
         progress = not args.no_progress
         if args.command in ("experts", "all"):
