@@ -77,6 +77,12 @@ TRAIN_CASES = [
     ("override_syntax", None, ["schedule.max_steps"], ["key=value"]),
     ("override_yaml", None, ["losses=[{type: logit_kd"], ["override", "not valid YAML"]),
     ("unknown_key", None, ["schedule.max_step=3"], ["unknown key", "schedule.max_step"]),
+    ("threads", None, ["run.threads=0"], ["run.threads", "got 0", ">= 1"]),
+    ("keep_checkpoints", None, ["run.keep_checkpoints=-1"], ["run.keep_checkpoints", ">= 0"]),
+    ("eval_batches", None, ["schedule.eval_batches=0"], ["schedule.eval_batches", ">= 1"]),
+    ("max_train_sequences", None, ["data.max_train_sequences=0"], ["data.max_train_sequences", ">= 1"]),
+    ("gradient_clipping", None, ["student.deepspeed.gradient_clipping=-1.0"], ["gradient_clipping", ">= 0"]),
+    ("resume_wrong_type", None, ["run.resume=3"], ["run.resume", "a string"]),
     (
         "teacher_missing",
         None,

@@ -297,6 +297,20 @@ def validate(cfg: dict) -> dict:
         least = 1 if key in ("max_steps", "log_every") else 0
         if sched[key] < least:
             raise ConfigError(f"schedule.{key}: got {sched[key]}; expected an integer >= {least}")
+    at_least = {  # key: (value, least); None values mean "no limit" / "the default" and are not checked
+        "run.threads": (run["threads"], 1),
+        "run.keep_checkpoints": (run["keep_checkpoints"], 0),
+        "schedule.eval_batches": (sched["eval_batches"], 1),
+        "data.max_train_sequences": (data["max_train_sequences"], 1),
+        "data.max_heldout_sequences": (data["max_heldout_sequences"], 1),
+        "student.deepspeed.gradient_clipping": (sds["gradient_clipping"], 0),
+        "teacher.deepspeed.prefetch_bucket_size": (tds["prefetch_bucket_size"], 0),
+        "teacher.deepspeed.param_persistence_threshold": (tds["param_persistence_threshold"], 0),
+        "teacher.deepspeed.max_live_parameters": (tds["max_live_parameters"], 0),
+    }
+    for key, (value, least) in at_least.items():
+        if value is not None and value < least:
+            raise ConfigError(f"{key}: got {value}; expected a number >= {least}")
     return out
 
 
