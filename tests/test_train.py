@@ -258,7 +258,6 @@ def test_single_process_demo_config_with_tiny_model(teacher_dir, tmp_path):
         "data.max_train_sequences=16",
         "data.max_heldout_sequences=8",
         "schedule.max_steps=3",
-        "logging.progress_bar=false",
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=TIMEOUT)
     check(proc)
@@ -266,6 +265,17 @@ def test_single_process_demo_config_with_tiny_model(teacher_dir, tmp_path):
     printed = proc.stdout + proc.stderr
     for noise in ("built successfully", "FutureWarning", "[WARNING]", "Writing model shards", "Traceback"):
         assert noise not in printed, (noise, printed[-3000:])
+    # the progress bar: one frame per step, showing that step's loss (never the previous step's)
+    shown: dict[int, set[str]] = {}
+    for frame in proc.stderr.replace("\n", "\r").split("\r"):  # tqdm redraws with \r
+        if frame.startswith("distill:") and "loss=" in frame:
+            shown.setdefault(int(frame.split("|")[2].split("/")[0]), set()).add(frame.split("loss=")[1].split()[0])
+    ref = losses(out)
+    assert sorted(shown) == [1, 2, 3], proc.stderr[-3000:]
+    for step, values in shown.items():
+        assert values == {f"{ref[step]:.4f}"}, (step, values, ref)
+    # the demo keeps the exported student only (run.final_checkpoint: false), no optimizer-state checkpoint
+    assert not os.path.exists(os.path.join(out, "checkpoints"))
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["world_size"] == 1 and summary["steps"] == 3
     assert summary["student_ppl_after"] < summary["student_ppl_before"]
@@ -313,35 +323,22 @@ def test_every_loss_with_a_narrower_student_single_process(teacher_dir, tmp_path
     assert exported.config.hidden_size == 32
 
 
-def test_progress_bar_prints_each_step_once_with_its_own_loss(teacher_dir, tmp_path):
-    out = str(tmp_path / "bar")
-    cmd = [sys.executable, "-m", "fastdistill.train", "--config", TINY, f"run.output_dir={out}"]
-    cmd += [f"teacher.model={teacher_dir}", "teacher.config=null", "schedule.max_steps=3", "schedule.save_every=0"]
-    cmd += ["run.final_checkpoint=false"]
-    proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=TIMEOUT)
-    check(proc)
-    shown: dict[int, set[str]] = {}
-    for frame in proc.stderr.replace("\n", "\r").split("\r"):  # tqdm redraws with \r
-        if frame.startswith("distill:") and "loss=" in frame:
-            step = int(frame.split("|")[2].split("/")[0])
-            shown.setdefault(step, set()).add(frame.split("loss=")[1].split()[0])
-    ref = losses(out)
-    assert sorted(shown) == [1, 2, 3], proc.stderr
-    for step, values in shown.items():  # one loss per step, and it is that step's loss (never the previous one)
-        assert values == {f"{ref[step]:.4f}"}, (step, values, ref)
-    assert not os.path.exists(os.path.join(out, "checkpoints"))  # run.final_checkpoint=false: only the export
-    assert os.path.isfile(os.path.join(out, "student", "model.safetensors"))
-
-
 def test_resume_refuses_an_incompatible_checkpoint_once_per_launch(zero3_run, teacher_dir, tmp_path):
     """The README's second command after the first (ZeRO-2 checkpoint, ZeRO-3 requested), another number of
     processes, a finished run: one line from rank 0, before anything is built; nothing in the folder changes."""
+    from fastdistill.train import resume as resume_lib
+    from fastdistill.train.config import ConfigError, load_config
+
     out = str(tmp_path / "copy")
     shutil.copytree(zero3_run, out)
     before = sorted(os.listdir(os.path.join(out, "checkpoints")))
+    base = [f"run.output_dir={out}", f"teacher.model={teacher_dir}", "teacher.config=null", "schedule.max_steps=20"]
+    cfg = load_config(TINY, base)
+    assert resume_lib.check(cfg, world_size=2).step == 6  # what DeepSpeed wrote is read back: step, world size
+    with pytest.raises(ConfigError, match="world size 2 -> 1"):  # ZeRO-2: one optimizer shard per rank
+        resume_lib.check(cfg, world_size=1)
     for overrides, nproc, code, words in [
         (["student.deepspeed.stage=3", "schedule.max_steps=20"], 2, 2, ["student.deepspeed.stage 2 -> 3"]),
-        (["schedule.max_steps=20"], 1, 2, ["world size 2 -> 1"]),
         ([], 2, 0, ["already at step 6 of schedule.max_steps=6", "schedule.max_steps=12"]),
     ]:
         proc = launch(out, teacher_dir, *overrides, nproc=nproc)
