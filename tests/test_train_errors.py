@@ -292,3 +292,25 @@ def test_dataset_distill_overrides_use_the_train_syntax():
 
     cfg = load_config(DD_SMOKE, ["distill.iterations=7", "run_dir=/tmp/x", "threads=null", "distill.lr_init=1e-3"])
     assert (cfg.distill.iterations, cfg.run_dir, cfg.threads, cfg.distill.lr_init) == (7, "/tmp/x", None, 1e-3)
+
+
+def test_a_rank_that_loses_a_peer_says_so_in_one_line(env, capsys, monkeypatch):
+    """Under the launcher, a rank whose collective fails because another rank died prints one line, no traceback."""
+    import fastdistill.train.recipe as recipe
+
+    def lost(cfg):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]")
+
+    monkeypatch.setattr(recipe, "run", lost)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "1")
+    assert train_main([f"--config={env['config']}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("fastdistill train: rank 1: stopping, another rank exited first"), err
+
+    def bug(cfg):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(recipe, "run", bug)
+    with pytest.raises(RuntimeError, match="something else"):  # a real failure keeps its traceback
+        train_main([f"--config={env['config']}"])
