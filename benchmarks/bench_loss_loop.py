@@ -2,13 +2,15 @@
 
     python benchmarks/bench_loss_loop.py                       # N = 2048 and 4096, V = 32000, fp32, CPU
     python benchmarks/bench_loss_loop.py --shapes 4096x32000 --iters 5 --threads 2
+    python benchmarks/bench_loss_loop.py --hidden 256          # logits from an lm_head matmul inside the timing
 
-Each iteration is what a training step does with the loss: fresh student logits from a matmul of hidden states (so the
-gradient flows on into a real graph, as from an lm_head), ``loss = loss_fn(...)``, ``loss.backward()``, the gradients
-freed. The two providers run interleaved, iteration by iteration, in one process, so load on a shared machine hits
-both alike; the figure is the ratio of their medians. Unlike bench_distill_loss.py (the loss call alone on a logits
-leaf, best of warm repeats), this includes the logits' allocation, the matmul backward and the allocator's page faults.
-Rows go to benchmarks/results/loss_loop.csv.
+Each iteration is what a training step does with the loss: fresh student logits (a new [N, V] tensor every step, as a
+model's forward gives; with ``--hidden H`` made by a matmul inside the timed region), then the timed
+``loss = loss_fn(student_logits, teacher_logits, labels); loss.backward()``, then the gradient freed. The two providers
+run interleaved, iteration by iteration, in one process, so load on a shared machine hits both alike; the figure is the
+ratio of their medians. Unlike bench_distill_loss.py (the loss call on one reused logits leaf, warm repeats), every
+iteration here allocates and frees its [N, V] tensors as a training loop does. Rows go to
+benchmarks/results/loss_loop.csv.
 """
 
 from __future__ import annotations
@@ -46,8 +48,11 @@ def run(shapes, iters: int, hidden: int) -> list[C.Row]:
     print(f"# plain-loop benchmark: {C.device_name(device)}; {_backend.describe()}")
     for N, V in shapes:
         g = torch.Generator().manual_seed(0)
-        h = torch.randn(N, hidden, generator=g)
-        w = (torch.randn(V, hidden, generator=g) / hidden**0.5).requires_grad_(True)
+        if hidden:
+            h = torch.randn(N, hidden, generator=g)
+            w = (torch.randn(V, hidden, generator=g) / hidden**0.5).requires_grad_(True)
+        else:
+            s0 = torch.randn(N, V, generator=g) * 2
         t = torch.randn(N, V, generator=g) * 2
         labels = torch.randint(0, V, (N,), generator=g)
         labels[::7] = -100  # some ignored rows, as padding gives
@@ -56,9 +61,13 @@ def run(shapes, iters: int, hidden: int) -> list[C.Row]:
         losses = {}
         for it in range(iters + 1):  # the first iteration of each is a warm-up
             for name, fn in providers.items():
-                w.grad = None
-                t0 = time.perf_counter()
-                s = h @ w.t()  # [N, V] student logits
+                if hidden:
+                    w.grad = None
+                    t0 = time.perf_counter()
+                    s = h @ w.t()  # [N, V] student logits
+                else:
+                    s = s0.clone().requires_grad_(True)  # a fresh [N, V] tensor, as a model's forward returns
+                    t0 = time.perf_counter()
                 loss = fn(s, t, labels)
                 loss.backward()
                 elapsed = time.perf_counter() - t0
@@ -70,7 +79,8 @@ def run(shapes, iters: int, hidden: int) -> list[C.Row]:
         base = statistics.median(times["torch eager"])
         for name, ts in times.items():
             med = statistics.median(ts)
-            extra = f"loop: matmul [{N},{hidden}]x[{hidden},{V}] + loss + backward; speedup={base / med:.2f}x"
+            what = f"matmul [{N},{hidden}]x[{hidden},{V}] + " if hidden else "fresh logits, "
+            extra = f"loop: {what}loss + backward; forward_kl, 1/7 rows ignored; speedup={base / med:.2f}x"
             rows.append(
                 C.Row(
                     "loss_loop",
@@ -97,7 +107,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="*", default=["2048x32000", "4096x32000"], help="NxV")
     p.add_argument("--iters", type=int, default=5, help="timed iterations per provider (after one warm-up)")
-    p.add_argument("--hidden", type=int, default=256, help="hidden size of the lm_head matmul producing the logits")
+    p.add_argument("--hidden", type=int, default=0, help="> 0: logits from an lm_head matmul of this width (timed)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
     p.add_argument("--csv", default="loss_loop")
     args = p.parse_args(argv)

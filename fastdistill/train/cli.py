@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt:
         if errors.rank() == 0:
+            # Ctrl-C reaches the deepspeed launcher too, which then terminates every rank: finish this one line first
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             print(file=sys.stderr)  # end the progress bar's line
         errors.report(errors.interrupted(cfg, argv, launched), kind="")
         return 130
