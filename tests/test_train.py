@@ -359,6 +359,7 @@ def test_optimizer_typo_is_one_line_from_rank_0(teacher_dir, tmp_path):
     assert proc.returncode != 0
     assert printed.count("fastdistill train: config error: student.deepspeed.optimizer") == 1, printed[-3000:]
     assert "lrr" in printed and "Traceback" not in printed
+    assert not os.path.exists(out)  # nothing but set-up files had been written: no run folder left behind
 
 
 def test_ctrl_c_names_the_last_checkpoint_and_the_command(teacher_dir, tmp_path):

@@ -94,10 +94,10 @@ def translate(key: str, exceptions: tuple, hint: str, match: str = ""):
 
 
 def remove_if_only_config(folder: str, existed: bool) -> None:
-    """A run that failed before writing anything but ``config.yaml`` leaves no folder behind (rank 0)."""
+    """A run that failed before writing anything but its set-up files leaves no folder behind (rank 0)."""
     if existed or rank() != 0 or not os.path.isdir(folder):
         return
-    if set(os.listdir(folder)) <= {"config.yaml", "config.yaml.tmp"}:
+    if set(os.listdir(folder)) <= {"config.yaml", "config.yaml.tmp", "teacher_memory.json"}:
         for name in os.listdir(folder):
             os.remove(os.path.join(folder, name))
         os.rmdir(folder)
