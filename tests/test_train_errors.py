@@ -54,7 +54,16 @@ def env(tmp_path, monkeypatch):
     a_file.write_text("x")
     empty = tmp_path / "empty"
     empty.mkdir()
-    return {"config": str(path), "out": out, "file": str(a_file), "empty": str(empty), "tmp": tmp_path}
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("run: {output_dir: [x\n")
+    return {
+        "config": str(path),
+        "out": out,
+        "file": str(a_file),
+        "empty": str(empty),
+        "tmp": tmp_path,
+        "bad_yaml": str(bad_yaml),
+    }
 
 
 def with_checkpoint(step: int = 3, world: int = 1, **changes):
@@ -83,6 +92,20 @@ TRAIN_CASES = [
     ("max_train_sequences", None, ["data.max_train_sequences=0"], ["data.max_train_sequences", ">= 1"]),
     ("gradient_clipping", None, ["student.deepspeed.gradient_clipping=-1.0"], ["gradient_clipping", ">= 0"]),
     ("resume_wrong_type", None, ["run.resume=3"], ["run.resume", "a string"]),
+    ("config_not_yaml", None, ["--config={bad_yaml}"], ["--config", "not valid YAML"]),
+    ("loss_impl", None, ["run.loss_impl=eager"], ["run.loss_impl", "'eager'", "fused"]),
+    ("final_checkpoint", None, ["run.final_checkpoint=maybe"], ["run.final_checkpoint", "true/false"]),
+    ("teacher_config_no_type", None, ["teacher.config={vocab_size: 256}"], ["teacher.config", "model_type"]),
+    ("teacher_dtype", None, ["teacher.dtype=float16"], ["teacher.dtype", "'float16'"]),
+    ("nvme_no_path", None, ["teacher.deepspeed.offload_param=nvme"], ["nvme_path"]),
+    ("micro_batch", None, ["student.deepspeed.micro_batch_size=0"], ["micro_batch_size", ">= 1"]),
+    ("optimizer_no_type", None, ["student.deepspeed.optimizer={type: null}"], ["optimizer.type", "None"]),
+    ("optimizer_name", None, ["student.deepspeed.optimizer.type=AdamWW"], ["optimizer.type", "'AdamWW'", "adamw"]),
+    ("scheduler_name", None, ["student.deepspeed.scheduler.type=Cosine"], ["scheduler.type", "'Cosine'"]),
+    ("optimizer_params", None, ["student.deepspeed.optimizer.params=0.1"], ["optimizer.params", "mapping"]),
+    ("seq_len", None, ["data.seq_len=1"], ["data.seq_len", ">= 2"]),
+    ("heldout_fraction", None, ["data.heldout_fraction=1.5"], ["data.heldout_fraction", "(0, 1)"]),
+    ("divergence", None, ["losses=[{type: logit_kd, divergence: kl}]"], ["divergence", "'kl'"]),
     (
         "teacher_missing",
         None,

@@ -224,6 +224,32 @@ def _check_losses(losses: list) -> list:
     return out
 
 
+# DeepSpeed 0.19's own optimizer names (matched case-insensitively) and LR schedules; any other name must be a class in
+# torch.optim / torch.optim.lr_scheduler (DeepSpeed's fallback)
+DS_OPTIMIZERS = ("adagrad", "adam", "adamw", "lamb", "muadam", "muadamw", "musgd", "lion", "muon")
+DS_SCHEDULERS = ("LRRangeTest", "OneCycle", "WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
+
+
+def _torch_names(module: str) -> list[str]:
+    import importlib
+    import inspect
+
+    mod = importlib.import_module(f"torch.{module}")
+    return sorted(n for n, v in vars(mod).items() if inspect.isclass(v) and not n.startswith("_"))
+
+
+def _check_named(key: str, spec: dict, ds_names: tuple, torch_module: str, torch_names: list[str]) -> None:
+    name = spec.get("type")
+    known = isinstance(name, str) and (name.lower() in ds_names or name in ds_names or name in torch_names)
+    if not known:
+        raise ConfigError(
+            f"{key}.type: got {name!r}; expected one of DeepSpeed's {list(ds_names)} or a class of {torch_module}"
+        )
+    params = spec.get("params")
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError(f"{key}.params: expected a mapping of keyword arguments, got {params!r}")
+
+
 def validate(cfg: dict) -> dict:
     """Fill the defaults of ``cfg`` (a parsed YAML mapping) and check it; returns the resolved config."""
     out = _fill(SCHEMA, cfg, "")
@@ -281,6 +307,15 @@ def validate(cfg: dict) -> dict:
     if "type" not in sds["optimizer"]:
         raise ConfigError(
             f"student.deepspeed.optimizer: expected {{type: ..., params: {{...}}}}, got {sds['optimizer']!r}"
+        )
+    _check_named("student.deepspeed.optimizer", sds["optimizer"], DS_OPTIMIZERS, "torch.optim", _torch_names("optim"))
+    if sds["scheduler"] is not None:
+        _check_named(
+            "student.deepspeed.scheduler",
+            sds["scheduler"],
+            DS_SCHEDULERS,
+            "torch.optim.lr_scheduler",
+            _torch_names("optim.lr_scheduler"),
         )
     if data["seq_len"] < 2:
         raise ConfigError(f"data.seq_len: got {data['seq_len']}; expected an integer >= 2")
