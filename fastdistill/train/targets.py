@@ -1,0 +1,176 @@
+"""Teacher targets as one record: what a student step needs from its teacher, whoever produced it.
+
+A ``TopKTargets`` holds, per sequence and position, the teacher's k most probable token ids and their log-probs at the
+distillation temperature, plus two exact per-position scalars per configured temperature:
+
+- ``lse[..., i]``: the teacher's log-sum-exp of ``z / T_i`` (``z`` the logits), so the top-k logits
+  ``z_j = T_0 (logprob_j + lse_0)`` and the log-probs at any other listed temperature can be recovered;
+- ``log_tail[..., i]``: the log of the teacher's probability mass *outside* the top k at ``T_i``, computed by the
+  teacher in log space (a log-sum-exp over the other V - k tokens), not as ``1 - sum(top-k)``, which is rounding
+  noise once the top k hold more than 0.9999 of the mass.
+
+It is the one format of teacher targets: the cache on disk (``fastdistill.cache``) stores it, a remote teacher pool
+can send it, and the trainer feeds it to ``fused_linear_distill_loss(..., teacher_topk=...)``.
+
+The compact coding (``encode`` / ``decode``), chosen for size under zstd and for an error that the loss does not see:
+
+- indices sorted ascending within a position and stored as deltas (the first as is) in ``uint16`` when V <= 65536,
+  else ``uint32``: the gaps are small numbers that zstd packs well; sorting loses nothing (the loss is a sum over
+  the k buckets, order-free);
+- log-probs as ``uint8`` steps of ``logprob_step`` nats below the position's maximum (clamped at 255 steps, i.e. more
+  than 15 nats below the top entry at the default 1/16: probabilities under 3e-7 of the top one). The maximum itself is
+  not stored: decoding shifts every position's log-probs by one constant so that their mass is exactly
+  ``1 - exp(log_tail)``, which fixes the level and makes the rounding errors average out instead of biasing the sum;
+- ``lse`` and ``log_tail`` as float32 (8 bytes per position and temperature).
+
+The worst error of a decoded log-prob relative to the stored level is ``logprob_step / 2``; the measured effect on the
+KD loss is in the README (``benchmarks/bench_teacher_cache.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+CODING = "delta-sorted-idx/u8-logprob-steps/v1"
+DEFAULT_LOGPROB_STEP = 1.0 / 16.0
+
+
+@dataclass
+class TopKTargets:
+    """Teacher top-k targets for a batch of sequences.
+
+    Shapes: ``indices`` [B, T, k] int64 (distinct within a position), ``logprobs`` [B, T, k] float32 (log-probs at
+    ``temperatures[0]``, the distillation temperature), ``lse`` and ``log_tail`` [B, T, n_temps] float32.
+    """
+
+    indices: torch.Tensor
+    logprobs: torch.Tensor
+    lse: torch.Tensor
+    log_tail: torch.Tensor
+    temperatures: tuple[float, ...]
+
+    @property
+    def k(self) -> int:
+        return self.indices.shape[-1]
+
+    def at_temperature(self, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs [B, T, k] at ``temperature``, with mass exactly 1 - tail, and indices): the ``teacher_topk``
+        pair for ``fused_linear_distill_loss`` with ``topk_values='logprobs'``. ``temperature`` must be one of
+        ``temperatures``."""
+        i = _temperature_index(self.temperatures, temperature)
+        lp = self.logprobs.float()
+        if i != 0:  # top-k logits from the T0 record, then log-probs at T_i (same top-k set: softmax is monotone)
+            t0, ti = self.temperatures[0], self.temperatures[i]
+            lp = (lp + self.lse[..., :1]) * (t0 / ti) - self.lse[..., i : i + 1]
+        return renormalize_to_tail(lp, self.log_tail[..., i]), self.indices
+
+    def select(self, rows) -> TopKTargets:
+        return TopKTargets(
+            self.indices[rows], self.logprobs[rows], self.lse[rows], self.log_tail[rows], self.temperatures
+        )
+
+
+def _temperature_index(temperatures, temperature: float) -> int:
+    for i, t in enumerate(temperatures):
+        if math.isclose(t, temperature, rel_tol=1e-9, abs_tol=0.0):
+            return i
+    raise ValueError(
+        f"temperature {temperature} is not among the record's temperatures {list(temperatures)}; rebuild the cache "
+        "with it listed (teacher-cache build cache.temperatures=[...])"
+    )
+
+
+def renormalize_to_tail(logprobs: torch.Tensor, log_tail: torch.Tensor) -> torch.Tensor:
+    """Shift each position's log-probs [..., k] by one constant so that sum(exp) = 1 - exp(log_tail) exactly."""
+    lp = logprobs.double()
+    top_mass = torch.log((-torch.expm1(log_tail.double())).clamp_min(1e-300))  # log(1 - tail), in log space
+    return (lp + (top_mass - torch.logsumexp(lp, dim=-1))[..., None]).float()
+
+
+@torch.no_grad()
+def topk_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    k: int,
+    temperatures: tuple[float, ...],
+    chunk_rows: int = 512,
+) -> TopKTargets:
+    """The teacher's ``TopKTargets`` from its final hidden states [B, T, H] and lm_head weight [V, H], a chunk of
+    rows at a time (no [B*T, V] tensor). Everything is computed in float32."""
+    if not 1 <= k <= weight.shape[0]:
+        raise ValueError(f"k={k}: expected 1 <= k <= V={weight.shape[0]}")
+    lead = hidden.shape[:-1]
+    h = hidden.reshape(-1, hidden.shape[-1])
+    n, nt = h.shape[0], len(temperatures)
+    indices = torch.empty(n, k, dtype=torch.long)
+    logprobs = torch.empty(n, k, dtype=torch.float32)
+    lse = torch.empty(n, nt, dtype=torch.float32)
+    log_tail = torch.empty(n, nt, dtype=torch.float32)
+    w = weight.float() if weight.dtype != torch.float32 else weight
+    for a in range(0, n, chunk_rows):
+        z = h[a : a + chunk_rows].float() @ w.t()  # [C, V]
+        top_z, idx = torch.topk(z, k, dim=-1, sorted=False)
+        idx, order = idx.sort(dim=-1)
+        top_z = top_z.gather(1, order)
+        for i, t in enumerate(temperatures):
+            zt = z if t == 1.0 else z / t
+            lse_t = torch.logsumexp(zt, dim=-1)
+            rest = zt.scatter(1, idx, -math.inf)  # the other V - k tokens: the tail, summed in log space
+            log_tail[a : a + chunk_rows, i] = torch.logsumexp(rest, dim=-1) - lse_t
+            lse[a : a + chunk_rows, i] = lse_t
+            if i == 0:
+                logprobs[a : a + chunk_rows] = top_z / t - lse_t[:, None]
+        indices[a : a + chunk_rows] = idx.cpu()
+    return TopKTargets(
+        indices.view(*lead, k),
+        logprobs.view(*lead, k),
+        lse.view(*lead, nt),
+        log_tail.view(*lead, nt),
+        tuple(float(t) for t in temperatures),
+    )
+
+
+def index_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<u4")
+
+
+def encode(targets: TopKTargets, vocab_size: int, logprob_step: float = DEFAULT_LOGPROB_STEP) -> dict[str, np.ndarray]:
+    """The compact coding of one record, per sequence: ``index_deltas`` [B, T*k] (uint16 / uint32), ``logprob_steps``
+    [B, T*k] uint8, ``lse`` and ``log_tail`` [B, T*n_temps] float32."""
+    idx = targets.indices.numpy()
+    b = idx.shape[0]
+    if idx.min(initial=0) < 0 or idx.max(initial=0) >= vocab_size:
+        raise ValueError(f"indices lie outside [0, {vocab_size})")
+    srt = np.sort(idx, axis=-1)
+    if not np.array_equal(srt, idx):
+        raise ValueError("indices must be sorted ascending within each position (topk_from_hidden sorts them)")
+    deltas = np.diff(srt, axis=-1, prepend=0).astype(index_dtype(vocab_size))
+    lp = targets.logprobs.numpy().astype(np.float64)
+    steps = np.rint((lp.max(axis=-1, keepdims=True) - lp) / logprob_step)
+    steps = np.clip(steps, 0, 255).astype(np.uint8)
+    return {
+        "index_deltas": deltas.reshape(b, -1),
+        "logprob_steps": steps.reshape(b, -1),
+        "lse": targets.lse.numpy().astype("<f4").reshape(b, -1),
+        "log_tail": targets.log_tail.numpy().astype("<f4").reshape(b, -1),
+    }
+
+
+def decode(
+    coded: dict[str, np.ndarray], k: int, temperatures: tuple[float, ...], logprob_step: float = DEFAULT_LOGPROB_STEP
+) -> TopKTargets:
+    """Inverse of :func:`encode` (log-probs within ``logprob_step / 2`` of the stored ones, up to one shared shift
+    per position that makes their mass exactly 1 - tail)."""
+    deltas = np.asarray(coded["index_deltas"])
+    b, nt = deltas.shape[0], len(temperatures)
+    idx = np.cumsum(deltas.reshape(b, -1, k).astype(np.int64), axis=-1)
+    steps = np.asarray(coded["logprob_steps"]).reshape(b, -1, k)
+    lse = torch.from_numpy(np.asarray(coded["lse"], dtype=np.float32).reshape(b, -1, nt).copy())
+    log_tail = torch.from_numpy(np.asarray(coded["log_tail"], dtype=np.float32).reshape(b, -1, nt).copy())
+    lp = torch.from_numpy(steps.astype(np.float32) * np.float32(-logprob_step))
+    lp = renormalize_to_tail(lp, log_tail[..., 0])
+    return TopKTargets(torch.from_numpy(idx), lp, lse, log_tail, tuple(float(t) for t in temperatures))
