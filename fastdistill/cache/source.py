@@ -3,6 +3,7 @@ decoded by a background thread, ``prefetch`` micro steps ahead of the student, s
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 
@@ -81,6 +82,9 @@ class CachedTeacher:
         self.temperature = float(kd[0]["temperature"]) if kd else self.reader.temperatures[0]
         self.sampler, self.skip = sampler, c["missing"] == "skip"
         self.missing = 0
+        self.rank = rank
+        # test hook: every served row's targets by key, saved on close (FASTDISTILL_DEBUG_CACHE_DUMP=path prefix)
+        self._dump = {} if os.environ.get("FASTDISTILL_DEBUG_CACHE_DUMP") else None
         self._next = start_micro_step
         self._queue: queue.Queue = queue.Queue(maxsize=c["prefetch"])
         self._stop = threading.Event()
@@ -155,8 +159,14 @@ class CachedTeacher:
             raise input_ids
         self._next += 1
         self.missing += missing
+        if self._dump is not None:
+            for j, row in enumerate(input_ids):
+                if (labels[j] != IGNORE_INDEX).any():
+                    self._dump[store.sequence_key(row.numpy()).hex()] = (topk[0][j].clone(), topk[1][j].clone())
         return input_ids, labels, topk, None
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+        if self._dump is not None:
+            torch.save(self._dump, f"{os.environ['FASTDISTILL_DEBUG_CACHE_DUMP']}.rank{self.rank}.pt")

@@ -103,7 +103,7 @@ def _schema():
 class ShardWriter:
     """Buffers coded sequences of one rank and writes them as whole shards (atomic, checksummed)."""
 
-    def __init__(self, folder: str, rank: int, shard_sequences: int, compression_level: int = 9):
+    def __init__(self, folder: str, rank: int, shard_sequences: int, compression_level: int = 19):
         self.dir = os.path.join(folder, SHARDS)
         os.makedirs(self.dir, exist_ok=True)
         self.rank, self.shard_sequences, self.level = rank, shard_sequences, compression_level
@@ -248,9 +248,8 @@ class CacheReader:
         per_group = self.files[f][2]
         g = self._group(f, row // per_group)
         i = row % per_group
-        dt = "<u2" if self.vocab_size <= 65536 else "<u4"
         return {
-            "index_deltas": np.frombuffer(g["index_deltas"][i], dtype=dt),
+            "index_deltas": np.frombuffer(g["index_deltas"][i], dtype=np.uint8),
             "logprob_steps": np.frombuffer(g["logprob_steps"][i], dtype=np.uint8),
             "lse": np.frombuffer(g["lse"][i], dtype="<f4"),
             "log_tail": np.frombuffer(g["log_tail"][i], dtype="<f4"),

@@ -15,10 +15,11 @@ can send it, and the trainer feeds it to ``fused_linear_distill_loss(..., teache
 The compact coding (``encode`` / ``decode``), chosen for size under zstd and for an error that the loss does not see:
 
 - indices sorted ascending within a position and stored as deltas (the first as is) in ``uint16`` when V <= 65536,
-  else ``uint32``: the gaps are small numbers that zstd packs well; sorting loses nothing (the loss is a sum over
-  the k buckets, order-free);
+  else ``uint32``, byte planes apart (all low bytes of a sequence, then all high bytes: Parquet's byte-stream-split
+  idea), so zstd sees the nearly constant high bytes together; sorting loses nothing (the loss is a sum over the k
+  buckets, order-free). Measured on the demo data at k = 64: 71 B/token against 77 for plain uint16 deltas;
 - log-probs as ``uint8`` steps of ``logprob_step`` nats below the position's maximum (clamped at 255 steps, i.e. more
-  than 15 nats below the top entry at the default 1/16: probabilities under 3e-7 of the top one). The maximum itself is
+  than 31 nats below the top entry at the default 1/8: probabilities under 3e-14 of the top one). The maximum itself is
   not stored: decoding shifts every position's log-probs by one constant so that their mass is exactly
   ``1 - exp(log_tail)``, which fixes the level and makes the rounding errors average out instead of biasing the sum;
 - ``lse`` and ``log_tail`` as float32 (8 bytes per position and temperature).
@@ -35,8 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-CODING = "delta-sorted-idx/u8-logprob-steps/v1"
-DEFAULT_LOGPROB_STEP = 1.0 / 16.0
+CODING = "delta-sorted-idx-bytesplit/u8-logprob-steps/v1"
+DEFAULT_LOGPROB_STEP = 1.0 / 8.0
 
 
 @dataclass
@@ -116,14 +117,18 @@ def topk_from_hidden(
         top_z, idx = torch.topk(z, k, dim=-1, sorted=False)
         idx, order = idx.sort(dim=-1)
         top_z = top_z.gather(1, order)
+        z_max = top_z.max(dim=-1, keepdim=True).values
         for i, t in enumerate(temperatures):
-            zt = z if t == 1.0 else z / t
-            lse_t = torch.logsumexp(zt, dim=-1)
-            rest = zt.scatter(1, idx, -math.inf)  # the other V - k tokens: the tail, summed in log space
-            log_tail[a : a + chunk_rows, i] = torch.logsumexp(rest, dim=-1) - lse_t
+            e = torch.exp((z - z_max) / t) if t != 1.0 else torch.exp(z - z_max)  # [C, V], max entry 1
+            log_total = torch.log(e.sum(dim=-1))
+            # the tail: a sum over the other V - k tokens themselves (not 1 - sum(top k), which cancels)
+            log_rest = torch.log(e.scatter_(1, idx, 0.0).sum(dim=-1))
+            lse_t = z_max[:, 0] / t + log_total
             lse[a : a + chunk_rows, i] = lse_t
+            log_tail[a : a + chunk_rows, i] = log_rest - log_total
             if i == 0:
                 logprobs[a : a + chunk_rows] = top_z / t - lse_t[:, None]
+            del e
         indices[a : a + chunk_rows] = idx.cpu()
     return TopKTargets(
         indices.view(*lead, k),
@@ -139,7 +144,8 @@ def index_dtype(vocab_size: int) -> np.dtype:
 
 
 def encode(targets: TopKTargets, vocab_size: int, logprob_step: float = DEFAULT_LOGPROB_STEP) -> dict[str, np.ndarray]:
-    """The compact coding of one record, per sequence: ``index_deltas`` [B, T*k] (uint16 / uint32), ``logprob_steps``
+    """The compact coding of one record, per sequence: ``index_deltas`` [B, T*k*w] uint8 (the byte planes of the
+    uint16 / uint32 deltas, w = 2 / 4), ``logprob_steps``
     [B, T*k] uint8, ``lse`` and ``log_tail`` [B, T*n_temps] float32."""
     idx = targets.indices.numpy()
     b = idx.shape[0]
@@ -148,12 +154,13 @@ def encode(targets: TopKTargets, vocab_size: int, logprob_step: float = DEFAULT_
     srt = np.sort(idx, axis=-1)
     if not np.array_equal(srt, idx):
         raise ValueError("indices must be sorted ascending within each position (topk_from_hidden sorts them)")
-    deltas = np.diff(srt, axis=-1, prepend=0).astype(index_dtype(vocab_size))
+    deltas = np.diff(srt, axis=-1, prepend=0).astype(index_dtype(vocab_size)).reshape(b, -1)
+    planes = deltas.view(np.uint8).reshape(b, -1, deltas.dtype.itemsize).transpose(0, 2, 1)  # [B, bytes, T*k]
     lp = targets.logprobs.numpy().astype(np.float64)
     steps = np.rint((lp.max(axis=-1, keepdims=True) - lp) / logprob_step)
     steps = np.clip(steps, 0, 255).astype(np.uint8)
     return {
-        "index_deltas": deltas.reshape(b, -1),
+        "index_deltas": np.ascontiguousarray(planes).reshape(b, -1),
         "logprob_steps": steps.reshape(b, -1),
         "lse": targets.lse.numpy().astype("<f4").reshape(b, -1),
         "log_tail": targets.log_tail.numpy().astype("<f4").reshape(b, -1),
@@ -165,8 +172,10 @@ def decode(
 ) -> TopKTargets:
     """Inverse of :func:`encode` (log-probs within ``logprob_step / 2`` of the stored ones, up to one shared shift
     per position that makes their mass exactly 1 - tail)."""
-    deltas = np.asarray(coded["index_deltas"])
-    b, nt = deltas.shape[0], len(temperatures)
+    planes = np.asarray(coded["index_deltas"], dtype=np.uint8)
+    b, nt = planes.shape[0], len(temperatures)
+    width = planes.shape[1] // np.asarray(coded["logprob_steps"]).reshape(b, -1).shape[1]  # bytes per index
+    deltas = np.ascontiguousarray(planes.reshape(b, width, -1).transpose(0, 2, 1)).view(f"<u{width}")
     idx = np.cumsum(deltas.reshape(b, -1, k).astype(np.int64), axis=-1)
     steps = np.asarray(coded["logprob_steps"]).reshape(b, -1, k)
     lse = torch.from_numpy(np.asarray(coded["lse"], dtype=np.float32).reshape(b, -1, nt).copy())
