@@ -197,6 +197,13 @@ class CacheReader:
         self.folder = folder
         self.manifest = read_manifest(folder)
         ident = self.manifest["identity"]
+        from fastdistill.train import targets as tg
+
+        if ident.get("coding") != tg.CODING:
+            raise CacheError(
+                f"teacher cache {folder!r} uses the coding {ident.get('coding')!r}; this fastdistill reads "
+                f"{tg.CODING!r}: rebuild the cache"
+            )
         self.k, self.temperatures = ident["k"], tuple(ident["temperatures"])
         self.logprob_step, self.vocab_size, self.seq_len = ident["logprob_step"], ident["vocab_size"], ident["seq_len"]
         listed = self.manifest.get("shards")
