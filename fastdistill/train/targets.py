@@ -112,24 +112,32 @@ def topk_from_hidden(
     lse = torch.empty(n, nt, dtype=torch.float32)
     log_tail = torch.empty(n, nt, dtype=torch.float32)
     w = weight.float() if weight.dtype != torch.float32 else weight
+    # two [C, V] buffers reused by every chunk (fresh 100 MB tensors per chunk cost more in page faults than the maths)
+    rows = min(chunk_rows, max(n, 1))
+    z_buf = torch.empty(rows, w.shape[0], dtype=torch.float32, device=h.device)
+    e_buf = torch.empty_like(z_buf)
     for a in range(0, n, chunk_rows):
-        z = h[a : a + chunk_rows].float() @ w.t()  # [C, V]
+        c = min(chunk_rows, n - a)
+        z, e = z_buf[:c], e_buf[:c]
+        torch.matmul(h[a : a + c].float(), w.t(), out=z)  # [C, V]
         top_z, idx = torch.topk(z, k, dim=-1, sorted=False)
         idx, order = idx.sort(dim=-1)
         top_z = top_z.gather(1, order)
         z_max = top_z.max(dim=-1, keepdim=True).values
         for i, t in enumerate(temperatures):
-            e = torch.exp((z - z_max) / t) if t != 1.0 else torch.exp(z - z_max)  # [C, V], max entry 1
+            torch.sub(z, z_max, out=e)
+            if t != 1.0:
+                e.div_(t)
+            e.exp_()  # [C, V], max entry 1
             log_total = torch.log(e.sum(dim=-1))
             # the tail: a sum over the other V - k tokens themselves (not 1 - sum(top k), which cancels)
             log_rest = torch.log(e.scatter_(1, idx, 0.0).sum(dim=-1))
             lse_t = z_max[:, 0] / t + log_total
-            lse[a : a + chunk_rows, i] = lse_t
-            log_tail[a : a + chunk_rows, i] = log_rest - log_total
+            lse[a : a + c, i] = lse_t
+            log_tail[a : a + c, i] = log_rest - log_total
             if i == 0:
-                logprobs[a : a + chunk_rows] = top_z / t - lse_t[:, None]
-            del e
-        indices[a : a + chunk_rows] = idx.cpu()
+                logprobs[a : a + c] = top_z / t - lse_t[:, None]
+        indices[a : a + c] = idx.cpu()
     return TopKTargets(
         indices.view(*lead, k),
         logprobs.view(*lead, k),
