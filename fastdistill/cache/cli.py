@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
 
             build(cfg, os.path.abspath(folder))
             return 0
-        cfg = _load(args.config, args.overrides) if args.config else None
+        # the run as it would read this folder: teacher.cache set to it
+        cfg = _load(args.config, [f"teacher.cache={args.folder}", *args.overrides]) if args.config else None
         out = info(args.folder, cfg, verify=not args.no_verify)
     except (ConfigError, CacheError) as e:
         print(f"fastdistill teacher-cache: {e}", file=sys.stderr)
