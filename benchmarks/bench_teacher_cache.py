@@ -126,7 +126,7 @@ def in_process(args, rows: list) -> None:
         row(rows, f"bytes_per_token_k{k}", shard_bytes(folder) / n_tok, "B/token", goal, f"logprob_step={step}")
         row(rows, f"topk_mass_mean_k{k}", float(mass.mean()), "fraction")
         row(rows, f"topk_mass_p5_k{k}", float(np.percentile(mass, 5)), "fraction")
-    for s in (0.0625, 0.25):  # the step's trade-off at k = 64
+    for s in sorted({0.0625, 0.125, 0.25} - {step}):  # the step's trade-off at k = 64
         folder = os.path.join(tmp, f"k64_step{s}")
         write_cache(folder, ids, records[64], vocab, s)
         row(rows, f"bytes_per_token_k64_step{s}", shard_bytes(folder) / n_tok, "B/token")
@@ -138,7 +138,7 @@ def in_process(args, rows: list) -> None:
     sw = student.lm_head.weight.detach()
     labels = data_lib.labels_for(ids).reshape(-1)
     rec = records[64]
-    for s in (step, 0.0625, 0.25):
+    for s in (step, *sorted({0.0625, 0.125, 0.25} - {step})):
         dec = tg.decode(tg.encode(rec, vocab, s), 64, (1.0,), s)
         values, indices = dec.at_temperature(1.0)
         for tail in ("bucket", "renormalize"):

@@ -90,7 +90,7 @@ SCHEMA: dict[str, Any] = {
     "cache": {  # teacher-cache build (k, temperatures, coding) and reading (teacher.cache) options
         "k": (_int, 64),
         "temperatures": (_opt((list,)), None),  # None: [the logit_kd temperature]; the first one is the record's
-        "logprob_step": (_float, 0.125),  # uint8 log-prob steps in nats below the position's maximum
+        "logprob_step": (_float, 0.25),  # uint8 log-prob steps in nats below the position's maximum
         "shard_sequences": (_int, 256),  # sequences per shard file (a killed build redoes at most this many)
         "micro_batch_size": (_opt(_int), None),  # sequences per teacher forward when building (None: the student's)
         "tail": (_str, "bucket"),  # bucket (exact tail mass from the record) | renormalize (DistillKit sparse KD)
