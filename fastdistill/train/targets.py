@@ -24,7 +24,8 @@ The compact coding (``encode`` / ``decode``), chosen for size under zstd and for
   ``1 - exp(log_tail)``, which fixes the level and makes the rounding errors average out instead of biasing the sum;
 - ``lse`` and ``log_tail`` as float32 (8 bytes per position and temperature).
 
-A decoded log-prob is within ``logprob_step`` of the teacher's (rounding <= step / 2, plus the shared shift <= step / 2).
+A decoded log-prob is within ``logprob_step`` of the teacher's (rounding <= step / 2, plus the shared shift, also
+<= step / 2).
 Measured on the demo data at k = 64 (``benchmarks/bench_teacher_cache.py``): steps of 1/16, 1/8, 1/4 nat give 139, 131,
 122 bytes/token and a KD loss within 6e-5, 1e-5, 2e-4 (relative) of the loss from the exact fp32 top-k: the errors
 are unbiased and average out over the k entries, so the default is the smallest of the three.
