@@ -195,11 +195,11 @@ def trainer(args, rows: list) -> None:
     fastdistill("teacher-cache", "build", "--config", DEMO, "--output", cache, *common)
     build_wall = time.perf_counter() - t0
     runs = {}
-    for name, extra in (("online", []), ("cache", [f"teacher.cache={cache}"])):
+    for name, extra in (("online", []), ("from_cache", [f"teacher.cache={cache}"])):
         out = os.path.join(tmp, name)
         fastdistill("train", "--config", DEMO, f"run.output_dir={out}", *common, *extra)
         runs[name] = json.load(open(os.path.join(out, "summary.json")))
-    on, ca = runs["online"]["tokens_per_s"], runs["cache"]["tokens_per_s"]
+    on, ca = runs["online"]["tokens_per_s"], runs["from_cache"]["tokens_per_s"]
     note = f"demo config, {args.steps} steps x 4 x 64 tokens, 1 process"
     row(rows, "cache_build_wall_s", build_wall, "s", note=f"{n_train} sequences incl. start-up")
     row(rows, "student_tokens_per_s_online_teacher", on, "tokens/s", note=note)
