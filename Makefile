@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export DS_BUILD_OPS := 0
 PYTEST_ARGS ?=
 
-.PHONY: all install ext test demo bench bench-trainer gpu-check nvcc-check lint clean
+.PHONY: all install ext test demo demo-cache bench bench-trainer gpu-check nvcc-check lint clean
 
 all: test
 
@@ -51,6 +51,19 @@ test: install
 ARGS ?=
 demo: install
 	$(BIN)/fastdistill train --config configs/demo_smollm2.yaml $(ARGS)
+
+# the demo from a teacher cache: build it once, distil from it, and compare with the online-teacher demo on the same
+# 480 sequences after the same 120 steps (held-out perplexity of both students)
+demo-cache: install
+	$(BIN)/fastdistill teacher-cache build --config configs/demo_smollm2_cache.yaml logging.progress_bar=false
+	$(BIN)/fastdistill teacher-cache info runs/demo_smollm2_cache/teacher_cache --config configs/demo_smollm2_cache.yaml
+	$(BIN)/fastdistill train --config configs/demo_smollm2_cache.yaml
+	$(BIN)/fastdistill train --config configs/demo_smollm2.yaml run.output_dir=runs/demo_smollm2_online480 \
+	  data.max_train_sequences=480
+	$(PY) -c "import json; s = {n: json.load(open(f'runs/{n}/summary.json')) for n in ('demo_smollm2_online480', \
+	  'demo_smollm2_cache')}; [print(f'{n:>24}: held-out perplexity {v[\"student_ppl_before\"]:.2f} -> ' \
+	  f'{v[\"student_ppl_after\"]:.2f} after {v[\"steps\"]} steps, {v[\"tokens_per_s\"]:.0f} tokens/s') \
+	  for n, v in s.items()]"
 
 # kernel and trainer microbenchmarks on this machine (CPU presets; rows appended to benchmarks/results/*.csv)
 bench: install

@@ -78,7 +78,16 @@ setup(
     extras_require={
         "triton": ["triton"],
         "dev": ["pytest", "pytest-timeout", "expecttest", "matplotlib", "ruff", "triton"],
-        "train": ["deepspeed", "transformers", "accelerate", "gguf", "safetensors", "tensorboard", "tokenizers"],
+        "train": [
+            "deepspeed",
+            "transformers",
+            "accelerate",
+            "gguf",
+            "safetensors",
+            "tensorboard",
+            "tokenizers",
+            "pyarrow",  # the teacher cache (Parquet shards, zstd)
+        ],
         "dataset": ["scikit-learn", "matplotlib"],
     },
     entry_points={"console_scripts": ["fastdistill=fastdistill.cli:main"]},

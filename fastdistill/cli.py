@@ -11,6 +11,7 @@ import sys
 
 COMMANDS = {
     "train": ("fastdistill.train.cli", "online distillation of a frozen teacher into a student (DeepSpeed)"),
+    "teacher-cache": ("fastdistill.cache.cli", "build / inspect an on-disk cache of a teacher's top-k targets"),
     "dataset-distill": ("fastdistill.dataset_distill.cli", "condense a dataset by matching training trajectories"),
 }
 

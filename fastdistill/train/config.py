@@ -69,6 +69,7 @@ SCHEMA: dict[str, Any] = {
         "config": (_opt((dict,)), None),  # a transformers config (model_type + fields): random weights, for tests
         "dtype": (_str, "float32"),
         "deepspeed": DEEPSPEED_TEACHER,
+        "cache": (_opt(_str), None),  # a teacher-cache folder: train from its top-k targets, no teacher forward
     },
     "student": {
         "model": (_opt(_str), None),
@@ -87,6 +88,17 @@ SCHEMA: dict[str, Any] = {
         "max_heldout_sequences": (_opt(_int), 64),
     },
     "losses": ((list,), [{"type": "logit_kd", "weight": 1.0}]),
+    "cache": {  # teacher-cache build (k, temperatures, coding) and reading (teacher.cache) options
+        "k": (_int, 64),
+        "temperatures": (_opt((list,)), None),  # None: [the logit_kd temperature]; the first one is the record's
+        "logprob_step": (_float, 0.25),  # uint8 log-prob steps in nats below the position's maximum
+        "shard_sequences": (_int, 256),  # sequences per shard file (a killed build redoes at most this many)
+        "micro_batch_size": (_opt(_int), None),  # sequences per teacher forward when building (None: the student's)
+        "tail": (_str, "bucket"),  # bucket (exact tail mass from the record) | renormalize (DistillKit sparse KD)
+        "missing": (_str, "error"),  # error | skip (a sequence not in the cache: its rows are left out, counted)
+        "prefetch": (_int, 8),  # micro batches decoded ahead by the reader thread
+        "verify": (_bool, True),  # check every shard's sha256 when a run opens the cache
+    },
     "schedule": {
         "max_steps": (_int, 100),  # optimizer steps
         "eval_every": (_int, 0),  # 0: only before and after training
@@ -248,6 +260,35 @@ def _check_named(key: str, spec: dict, ds_names: tuple, torch_module: str, torch
     params = spec.get("params")
     if params is not None and not isinstance(params, dict):
         raise ConfigError(f"{key}.params: expected a mapping of keyword arguments, got {params!r}")
+def _check_cache(out: dict) -> None:
+    c = out["cache"]
+    if c["k"] < 1:
+        raise ConfigError(f"cache.k: got {c['k']}; expected an integer >= 1")
+    temps = c["temperatures"]
+    if temps is not None and (
+        not temps or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 for t in temps)
+    ):
+        raise ConfigError(f"cache.temperatures: got {temps!r}; expected null or a non-empty list of numbers > 0")
+    if not 0 < c["logprob_step"] <= 1:
+        raise ConfigError(f"cache.logprob_step: got {c['logprob_step']}; expected a number in (0, 1] (nats)")
+    for key in ("shard_sequences", "prefetch"):
+        if c[key] < 1:
+            raise ConfigError(f"cache.{key}: got {c[key]}; expected an integer >= 1")
+    if c["micro_batch_size"] is not None and c["micro_batch_size"] < 1:
+        raise ConfigError(f"cache.micro_batch_size: got {c['micro_batch_size']}; expected null or an integer >= 1")
+    _choice("cache.tail", c["tail"], ("bucket", "renormalize"))
+    _choice("cache.missing", c["missing"], ("error", "skip"))
+    if out["teacher"]["cache"] is not None:
+        if out["run"]["loss_impl"] != "fused":
+            raise ConfigError(
+                f"run.loss_impl: got {out['run']['loss_impl']!r}; a teacher.cache trains with 'fused' (top-k targets)"
+            )
+        live = [x["type"] for x in out["losses"] if x["type"] in ("hint", "attention", "affinity")]
+        if live:
+            raise ConfigError(
+                f"losses: {live} need the teacher's hidden states or attention, which a teacher.cache (top-k logit "
+                "targets only) does not hold; drop them or train with a live teacher (teacher.model)"
+            )
 
 
 def validate(cfg: dict) -> dict:
@@ -257,11 +298,13 @@ def validate(cfg: dict) -> dict:
     run, teacher, student, data, sched = out["run"], out["teacher"], out["student"], out["data"], out["schedule"]
     _choice("run.loss_impl", run["loss_impl"], ("fused", "unfused"))
     given = [k for k in ("model", "config") if teacher[k] is not None]
-    if len(given) != 1:
+    if len(given) > 1 or (not given and teacher["cache"] is None):
         raise ConfigError(
             "teacher: expected exactly one of 'teacher.model' (builtin name, folder or .gguf file) or "
-            f"'teacher.config' (a transformers config), got {given or 'neither'}"
+            f"'teacher.config' (a transformers config), or only 'teacher.cache' (a teacher-cache folder), got "
+            f"{given or 'neither'}"
         )
+    _check_cache(out)
     given = [k for k in ("model", "config", "init_from_teacher") if student[k] is not None]
     if len(given) != 1:
         raise ConfigError(
@@ -323,7 +366,7 @@ def validate(cfg: dict) -> dict:
         raise ConfigError(f"data.heldout_fraction: got {data['heldout_fraction']}; expected a number in (0, 1)")
     if data["source"] != "pydoc_topics" and not os.path.isfile(data["source"]):
         raise ConfigError(f"data.source: got {data['source']!r}; expected 'pydoc_topics' or an existing text file")
-    if data["tokenizer"] == "teacher" and teacher["model"] is None:
+    if data["tokenizer"] == "teacher" and teacher["model"] is None and teacher["cache"] is None:
         raise ConfigError(
             "data.tokenizer: 'teacher' needs 'teacher.model' (a teacher from 'teacher.config' has no "
             "tokenizer); set data.tokenizer to 'bytes', a builtin name or a tokenizer folder"

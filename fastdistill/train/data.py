@@ -71,6 +71,13 @@ def split(sequences: torch.Tensor, heldout_fraction: float, max_train: int | Non
     return train, held
 
 
+def train_heldout(cfg: dict, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's packed training and held-out sequences (the trainer and ``teacher-cache build`` share this)."""
+    d = cfg["data"]
+    sequences = pack(load_text(d["source"]), tokenizer, d["seq_len"])
+    return split(sequences, d["heldout_fraction"], d["max_train_sequences"], d["max_heldout_sequences"])
+
+
 def labels_for(input_ids: torch.Tensor) -> torch.Tensor:
     """Next-token labels: position t predicts token t+1; the last position of each row has no label."""
     labels = torch.full_like(input_ids, IGNORE_INDEX)

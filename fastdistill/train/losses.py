@@ -29,9 +29,16 @@ class DistillLoss(nn.Module):
     """``forward(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_states,
     teacher_states) -> (loss, parts)``; ``parts`` are detached scalars for logging (unweighted terms)."""
 
-    def __init__(self, losses: list[dict], impl: str, student_hidden_size: int, teacher_hidden_size: int):
+    def __init__(
+        self,
+        losses: list[dict],
+        impl: str,
+        student_hidden_size: int,
+        teacher_hidden_size: int | None,
+        topk_tail: str = "bucket",
+    ):
         super().__init__()
-        self.impl = impl
+        self.impl, self.topk_tail = impl, topk_tail
         by_type = {x["type"]: x for x in losses}
         kd, ce = by_type.get("logit_kd"), by_type.get("hard_ce")
         self.soft_weight = kd["weight"] if kd else 0.0
@@ -57,6 +64,27 @@ class DistillLoss(nn.Module):
             ht,
             wt,
             labels,
+            divergence=self.kd["divergence"],
+            beta=self.kd["beta"],
+            temperature=self.kd["temperature"],
+            hard_weight=self.hard_weight,
+            soft_weight=self.soft_weight,
+            ignore_index=IGNORE_INDEX,
+            reduction="batchmean",
+            return_parts=True,
+        )
+        return loss, {"kd": kd, "ce": ce}
+
+    def _lm_head_topk(self, hs, ws, topk, labels):
+        """A cached (or streamed) teacher: its top-k log-probs at the KD temperature and their indices."""
+        values, indices = topk
+        loss, ce, kd = FD.fused_linear_distill_loss(
+            hs,
+            ws,
+            labels=labels,
+            teacher_topk=(values.reshape(-1, values.shape[-1]), indices.reshape(-1, indices.shape[-1])),
+            topk_tail=self.topk_tail,
+            topk_values="logprobs",
             divergence=self.kd["divergence"],
             beta=self.kd["beta"],
             temperature=self.kd["temperature"],
@@ -94,7 +122,11 @@ class DistillLoss(nn.Module):
         student_states=None,
         teacher_states=None,
     ):
-        hs, ht, labels_flat = _flat(student_hidden), _flat(teacher_hidden), labels.reshape(-1)
+        hs, labels_flat = _flat(student_hidden), labels.reshape(-1)
+        if isinstance(teacher_hidden, tuple):  # (values, indices): top-k targets (teacher cache)
+            loss, parts = self._lm_head_topk(hs, student_weight, teacher_hidden, labels_flat)
+            return loss, {k: v.detach().float() for k, v in parts.items()}
+        ht = _flat(teacher_hidden)
         if self.impl == "fused":
             loss, parts = self._lm_head_fused(hs, student_weight, ht, teacher_weight, labels_flat)
         else:

@@ -237,8 +237,9 @@ class StudentWithLoss(nn.Module):
         if teacher_hidden is None:  # evaluation: summed token NLL and token count
             return self.loss_fn.nll(hidden, self.lm_head_weight(), labels)
         # a ZeRO-3 teacher's lm_head weight is all-gathered only for the loss, and released right after
-        (teacher_weight,) = self._teacher_head
-        with gathered([teacher_weight]):
+        # (no teacher weight with top-k targets from a teacher cache)
+        teacher_weight = self._teacher_head[0] if self._teacher_head else None
+        with gathered([teacher_weight] if teacher_weight is not None else []):
             return self.loss_fn(
                 hidden, self.lm_head_weight(), teacher_hidden, teacher_weight, labels, states, teacher_states
             )

@@ -22,6 +22,7 @@ import time
 import numpy as np
 import torch
 
+from fastdistill.cache import source as cache_source
 from fastdistill.train import data as data_lib
 from fastdistill.train import errors, models, output
 from fastdistill.train import resume as resume_lib
@@ -54,6 +55,19 @@ def init_distributed() -> tuple[int, int]:
     import torch.distributed as dist
 
     return dist.get_rank(), dist.get_world_size()
+
+
+def prepare_models(cfg: dict, rank: int):
+    """Rank 0 converts a GGUF / builtin teacher once into the cache while the others wait; returns the tokenizer."""
+    import torch.distributed as dist
+
+    t = cfg["teacher"]
+    for name, gguf in ((t["model"], t["gguf_file"]), (cfg["data"]["tokenizer"], None)):
+        if name and name not in ("teacher", "bytes") and (name in models.BUILTIN or name.endswith(".gguf") or gguf):
+            if rank == 0:
+                models.resolve_model_path(name, gguf)
+    dist.barrier()
+    return models.load_tokenizer(cfg["data"]["tokenizer"], t["model"], t["gguf_file"])
 
 
 def teacher_ds_config(cfg: dict, world_size: int) -> dict:
@@ -344,23 +358,14 @@ def run(cfg: dict) -> dict:
         dump_config(cfg, os.path.join(out_dir, "config.yaml"))
 
     # -- models and tokenizer: rank 0 converts a GGUF teacher once into the cache, the others wait ----------------
+    if cfg["teacher"]["cache"] is not None:
+        cache_source.resolve_teacher_spec(cfg)  # teacher named by the cache's manifest, when the run names none
     t = cfg["teacher"]
-    for name, gguf in ((t["model"], t["gguf_file"]), (cfg["data"]["tokenizer"], None)):
-        if name and name not in ("teacher", "bytes") and (name in models.BUILTIN or name.endswith(".gguf") or gguf):
-            if rank == 0:
-                models.resolve_model_path(name, gguf)
-    dist.barrier()
-    tokenizer = models.load_tokenizer(cfg["data"]["tokenizer"], t["model"], t["gguf_file"])
+    tokenizer = prepare_models(cfg, rank)
 
     # -- data ----------------------------------------------------------------------------------------------------
     seed = cfg["run"]["seed"]
-    sequences = data_lib.pack(data_lib.load_text(cfg["data"]["source"]), tokenizer, cfg["data"]["seq_len"])
-    train_seqs, held_seqs = data_lib.split(
-        sequences,
-        cfg["data"]["heldout_fraction"],
-        cfg["data"]["max_train_sequences"],
-        cfg["data"]["max_heldout_sequences"],
-    )
+    train_seqs, held_seqs = data_lib.train_heldout(cfg, tokenizer)
     sampler = data_lib.Sampler(train_seqs, sds["micro_batch_size"], rank, world, seed)
     held = data_lib.Sampler(held_seqs, sds["micro_batch_size"], rank, world, seed, shuffle=False)
     n_eval = (
@@ -374,31 +379,47 @@ def run(cfg: dict) -> dict:
 
     # -- teacher (sharded, frozen) then student (its own engine) ---------------------------------------------------
     torch.manual_seed(seed)
-    teacher, teacher_model = build_teacher(cfg, world)
-    teacher_weight = teacher_model.get_output_embeddings().weight
-    mem = teacher_memory(teacher_model, world)
-    all_mem = [None] * world
-    dist.all_gather_object(all_mem, mem)
-    if rank == 0:
-        with open(os.path.join(out_dir, "teacher_memory.json"), "w") as f:
-            json.dump({"per_rank": all_mem, "stage": cfg["teacher"]["deepspeed"]["stage"]}, f, indent=1)
-    say(
-        f"teacher: {mem['param_bytes_full'] / 2**20:.1f} MiB of parameters, {mem['param_bytes_held'] / 2**20:.1f} "
-        f"MiB held on rank 0 (ZeRO stage {cfg['teacher']['deepspeed']['stage']})"
-    )
-    teacher_hidden_size = teacher_model.config.hidden_size
-    if isinstance(tokenizer, data_lib.ByteTokenizer) and teacher_model.config.vocab_size < tokenizer.vocab_size:
+    cached = t["cache"] is not None
+    if cached:  # a teacher cache: no teacher engine; the teacher's weights only to initialise a student from them
+        teacher = teacher_weight = all_mem = None
+        teacher_model = cache_source.teacher_for_init(cfg)
+        say(f"teacher: top-k targets from the cache {t['cache']} (no teacher forward)")
+    else:
+        teacher, teacher_model = build_teacher(cfg, world)
+        teacher_weight = teacher_model.get_output_embeddings().weight
+        mem = teacher_memory(teacher_model, world)
+        all_mem = [None] * world
+        dist.all_gather_object(all_mem, mem)
+        if rank == 0:
+            with open(os.path.join(out_dir, "teacher_memory.json"), "w") as f:
+                json.dump({"per_rank": all_mem, "stage": cfg["teacher"]["deepspeed"]["stage"]}, f, indent=1)
+        say(
+            f"teacher: {mem['param_bytes_full'] / 2**20:.1f} MiB of parameters, {mem['param_bytes_held'] / 2**20:.1f} "
+            f"MiB held on rank 0 (ZeRO stage {cfg['teacher']['deepspeed']['stage']})"
+        )
+    teacher_hidden_size = teacher_model.config.hidden_size if teacher_model is not None else None
+    if (
+        not cached
+        and isinstance(tokenizer, data_lib.ByteTokenizer)
+        and teacher_model.config.vocab_size < tokenizer.vocab_size
+    ):
         raise ConfigError(
             f"data.tokenizer: 'bytes' needs a teacher vocabulary >= 256, the teacher has "
             f"{teacher_model.config.vocab_size}"
         )
 
     def make_loss(student_hidden_size: int) -> DistillLoss:
-        return DistillLoss(cfg["losses"], cfg["run"]["loss_impl"], student_hidden_size, teacher_hidden_size)
+        return DistillLoss(
+            cfg["losses"], cfg["run"]["loss_impl"], student_hidden_size, teacher_hidden_size, cfg["cache"]["tail"]
+        )
 
     torch.manual_seed(seed + 1)
     student = build_student(cfg, teacher_model, make_loss)
-    student.module.set_teacher_head(teacher_weight)
+    if cached:
+        del teacher_model  # the student holds its copy; nothing of the teacher stays in memory
+        cache_source.check_run(cfg, student.module.lm_head_weight().shape[0])
+    else:
+        student.module.set_teacher_head(teacher_weight)
     loss_fn: DistillLoss = student.module.loss_fn
     needs_states = loss_fn.needs_hidden_states
     teacher_attention_layers = sorted(set(loss_fn.attention_layers.values()))
@@ -416,13 +437,16 @@ def run(cfg: dict) -> dict:
     # -- evaluation before training --------------------------------------------------------------------------------
     t0 = time.time()
     s_ppl, t_ppl = perplexity(eval_batches, teacher, student, teacher_weight)
+    if cached:  # measured by teacher-cache build on the same held-out split
+        t_ppl = cache_source.teacher_heldout_ppl(t["cache"])
     summary.update(student_ppl_before=s_ppl, teacher_ppl=t_ppl)
     say(
-        f"held-out perplexity at step {start_step}: student {s_ppl:.2f}, teacher {t_ppl:.2f} ({time.time() - t0:.1f} s)"
+        f"held-out perplexity at step {start_step}: student {s_ppl:.2f}, teacher {_fmt(t_ppl)} "
+        f"({time.time() - t0:.1f} s)"
     )
     if metrics:
         metrics.log(start_step, {"eval/student_ppl": s_ppl, "eval/teacher_ppl": t_ppl})
-    if os.environ.get("FASTDISTILL_DEBUG_DUMP"):
+    if os.environ.get("FASTDISTILL_DEBUG_DUMP") and not cached:
         # test hook: the teacher's logits on the first held-out batch (small models only)
         with torch.no_grad():
             hidden, _ = teacher(eval_batches[0][0])
@@ -446,6 +470,11 @@ def run(cfg: dict) -> dict:
         desc="distill",
     )
     tokens_per_step = sds["micro_batch_size"] * cfg["data"]["seq_len"] * world * ga
+    # the teacher source: the colocated engine (forward per micro batch) or the cache (read ahead by a thread)
+    if cached:
+        source = cache_source.CachedTeacher(cfg, sampler, start_step * ga, sched["max_steps"] * ga, rank)
+    else:
+        source = OnlineTeacher(teacher, sampler, needs_states, teacher_attention_layers)
     step = start_step
     step_seconds: list[float] = []
     t_train = time.time()
@@ -454,12 +483,8 @@ def run(cfg: dict) -> dict:
         t_teacher = t_student = 0.0
         sums: dict[str, float] = {}
         for a in range(ga):
-            input_ids, labels = sampler.batch(step * ga + a)
             t0 = time.perf_counter()
-            with torch.no_grad():
-                t_hidden, t_states = teacher(
-                    input_ids, output_hidden_states=needs_states, attention_layers=teacher_attention_layers
-                )
+            input_ids, labels, t_hidden, t_states = source.batch(step * ga + a)
             t1 = time.perf_counter()
             loss, parts = student(input_ids, labels, t_hidden, t_states)
             del t_hidden, t_states  # the teacher's activations are not needed for backward
@@ -507,7 +532,14 @@ def run(cfg: dict) -> dict:
         if kill_at and step == kill_at and rank == 0:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
+    source.close()
     train_s = time.time() - t_train
+    if cached:
+        missing = torch.tensor([source.missing], dtype=torch.float64)
+        dist.all_reduce(missing)
+        summary["cache_missing_sequences"] = int(missing.item())
+        if missing.item():
+            say(f"teacher cache: {int(missing.item())} sequence(s) not in the cache were skipped (cache.missing=skip)")
 
     # -- final evaluation, checkpoint, export ----------------------------------------------------------------------
     s_ppl, _ = perplexity(eval_batches, None, student, teacher_weight)
@@ -537,7 +569,7 @@ def run(cfg: dict) -> dict:
     summary.update(export_dir=export_dir, wall_seconds=time.time() - t_start)
     say(
         f"held-out perplexity: student {summary['student_ppl_before']:.2f} -> {s_ppl:.2f} "
-        f"(teacher {summary['teacher_ppl']:.2f}); {step - start_step} steps in {train_s:.1f} s; "
+        f"(teacher {_fmt(summary['teacher_ppl'])}); {step - start_step} steps in {train_s:.1f} s; "
         f"student saved to {export_dir}"
     )
     if rank == 0:
@@ -546,6 +578,31 @@ def run(cfg: dict) -> dict:
         metrics.close()
     dist.barrier()
     return summary
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+class OnlineTeacher:
+    """The colocated teacher engine as a teacher source: its forward on each micro batch, under no_grad.
+    ``batch(micro_step) -> (input_ids, labels, teacher final hidden states, teacher states or None)``; the other
+    source, ``fastdistill.cache.source.CachedTeacher``, gives a ``(values, indices)`` top-k pair instead."""
+
+    def __init__(self, engine, sampler, needs_states: bool, attention_layers: list[int]):
+        self.engine, self.sampler = engine, sampler
+        self.needs_states, self.attention_layers = needs_states, attention_layers
+
+    def batch(self, micro_step: int):
+        input_ids, labels = self.sampler.batch(micro_step)
+        with torch.no_grad():
+            hidden, states = self.engine(
+                input_ids, output_hidden_states=self.needs_states, attention_layers=self.attention_layers
+            )
+        return input_ids, labels, hidden, states
+
+    def close(self) -> None:
+        pass
 
 
 def export_student(engine, tokenizer, folder: str, rank: int) -> None:
