@@ -31,7 +31,9 @@ def placeholders(template: str, what: str = "template") -> list[str]:
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as e:
-        raise PromptError(f"{what}: {template!r} is not a valid format string ({e}); write literal braces as {{{{ }}}}")
+        raise PromptError(
+            f"{what}: {template!r} is not a valid format string ({e}); write literal braces as {{{{ }}}}"
+        ) from None
     names = []
     for _, name, _, _ in parsed:
         if name is None:
@@ -81,7 +83,9 @@ def read_records(path: str) -> list[dict]:
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise PromptError(f"{path}:{n}: not valid JSON ({e.msg}); expected one JSON object per line")
+                    raise PromptError(
+                        f"{path}:{n}: not valid JSON ({e.msg}); expected one JSON object per line"
+                    ) from None
                 if not isinstance(rec, dict):
                     raise PromptError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
                 records.append(rec)
@@ -90,7 +94,7 @@ def read_records(path: str) -> list[dict]:
             with open(path, encoding="utf-8") as f:
                 records = json.load(f)
         except json.JSONDecodeError as e:
-            raise PromptError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})")
+            raise PromptError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
             raise PromptError(f"{path}: expected a JSON list of objects")
     elif ext == ".csv":
