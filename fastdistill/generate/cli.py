@@ -42,11 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     from fastdistill.train.cli import _environment
 
     _environment()
-    from fastdistill.generate.run import run
+    from fastdistill.generate.run import ResumeError, run
 
     try:
         run(cfg)
-    except PromptError as e:
+    except (PromptError, ResumeError) as e:
         print(f"fastdistill generate: {e}", file=sys.stderr)
         return 2
     return 0

@@ -41,6 +41,10 @@ def load_teacher(cfg: dict, rank: int, world: int):
     return engine, model, codec
 
 
+class ResumeError(ValueError):
+    """The output folder holds a different run's generations."""
+
+
 def _check_resume(out_dir: str, cfg: dict) -> None:
     path = os.path.join(out_dir, "generate_config.yaml")
     if os.path.isfile(path):
@@ -49,7 +53,7 @@ def _check_resume(out_dir: str, cfg: dict) -> None:
         old_fp, new_fp = old.get("fingerprint"), fingerprint(cfg)
         if old_fp != new_fp:
             diff = [k for k in new_fp if old_fp is None or old_fp.get(k) != new_fp[k]]
-            raise ValueError(
+            raise ResumeError(
                 f"run.output_dir {out_dir!r} holds generations made with different {diff}; finished prompts would mix "
                 "two datasets: use a new output_dir (or delete that folder to start over)"
             )
