@@ -227,5 +227,12 @@ def test_sigkill_then_resume_generates_only_the_rest(model, teacher_dir, prompt_
     rows = load_generations(out)
     assert [r["token_ids"] for r in rows] == reference_rows(model, prompt_file, 0.8)
     assert [r["key"] for r in rows] == [str(i) for i in range(7)]
-    changed = launch_generate(out, teacher_dir, prompt_file, "sampling.temperature=0.5")
-    assert changed.returncode != 0 and "different ['sampling']" in changed.stderr
+    # the same folder with other sampling settings: refused (checked in-process, no launch needed)
+    from fastdistill.generate.config import read_yaml, validate
+    from fastdistill.generate.run import ResumeError, _check_resume
+
+    raw = read_yaml(CONFIG, [f"teacher.model={teacher_dir}", "teacher.config=null", f"prompts.source={prompt_file}"])
+    _check_resume(out, validate({**raw, "run": {**raw["run"], "output_dir": out}}))  # same settings: accepted
+    raw["sampling"]["temperature"] = 0.5
+    with pytest.raises(ResumeError, match=r"different \['sampling'\]"):
+        _check_resume(out, validate(raw))

@@ -69,15 +69,20 @@ def generate_to_store(
     model,
     codec: Codec,
     prompts: list[Prompt],
-    sampling: SamplingConfig,
+    sampling: SamplingConfig | None,
     store: PartStore,
     batch_size: int,
     rank: int = 0,
     world: int = 1,
     progress: bool = True,
     desc: str = "generate",
+    extra=None,
 ) -> dict:
     """Generate every prompt not yet in ``store`` (one part file per batch); a collective per round under ZeRO-3.
+
+    ``sampling`` None generates nothing (the rows then carry only what ``extra`` adds). ``extra(model, prompts,
+    results)``, called with the unsharded model right after sampling, returns one JSON-able dict per prompt, stored in
+    the row's ``extra`` column (weak labels score the verbalizers there, in the same gather).
     Returns {"tokens": generated tokens on this rank, "seconds": ..., "prompts": generated on this rank}."""
     import torch.distributed as dist
     from tqdm import tqdm
@@ -99,14 +104,12 @@ def generate_to_store(
         idx = k * world + rank
         batch = batches[idx] if idx < len(batches) else []
         with unsharded(model) as m:  # every rank joins the gather, with or without a batch
-            results = (
-                sample(
-                    m, codec, [codec.encode(p.text) for p in batch], [p.id for p in batch], sampling, _eos(codec, model)
-                )
-                if batch
-                else []
-            )
-        store.write(to_rows(batch, results))
+            results: list = [[] for _ in batch]
+            if batch and sampling is not None:
+                prompt_ids = [codec.encode(p.text) for p in batch]
+                results = sample(m, codec, prompt_ids, [p.id for p in batch], sampling, _eos(codec, model))
+            extras = extra(m, batch, results) if batch and extra is not None else None
+        store.write(to_rows(batch, results, extras))
         tokens += sum(len(s.token_ids) for g in results for s in g)
         n_prompts += len(batch)
         bar.update(sum(len(b) for b in batches[k * world : (k + 1) * world]))  # every rank's batch of this round

@@ -8,7 +8,8 @@ One row per prompt:
 ``prompt_id`` (int), ``key`` (the record's id), ``prompt`` (the text continued), ``fields`` (the record, JSON),
 ``samples`` (N strings), ``token_ids`` / ``logprobs`` (per sample, per generated token: the model's log-prob at
 temperature 1), ``finish_reasons`` (eos | stop | length) and, when recorded, ``topk_ids`` / ``topk_logprobs``
-(per sample, per position, k values: normalised log-probs, i.e. the record's log-normaliser is already applied).
+(per sample, per position, k values: normalised log-probs, i.e. the record's log-normaliser is already applied);
+``extra`` (JSON) holds what a stage adds per prompt (e.g. the weak-label verbalizer log-probs).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 FORMATS = ("parquet", "jsonl")
 
 
-def _schema(with_topk: bool):
+def _schema(with_topk: bool, with_extra: bool):
     import pyarrow as pa
 
     fields = [
@@ -37,13 +38,15 @@ def _schema(with_topk: bool):
             ("topk_ids", pa.list_(pa.list_(pa.list_(pa.int32())))),
             ("topk_logprobs", pa.list_(pa.list_(pa.list_(pa.float32())))),
         ]
+    if with_extra:
+        fields.append(("extra", pa.string()))
     return pa.schema(fields)
 
 
-def to_rows(prompts, results) -> list[dict]:
-    """Rows (see the module docstring) from ``Prompt`` objects and their ``sample`` results."""
+def to_rows(prompts, results, extras: list[dict] | None = None) -> list[dict]:
+    """Rows (see the module docstring) from ``Prompt`` objects, their ``sample`` results and optional extra fields."""
     rows = []
-    for p, group in zip(prompts, results):
+    for i, (p, group) in enumerate(zip(prompts, results)):
         row = {
             "prompt_id": p.id,
             "key": p.key,
@@ -57,6 +60,8 @@ def to_rows(prompts, results) -> list[dict]:
         if group and group[0].topk_ids is not None:
             row["topk_ids"] = [s.topk_ids for s in group]
             row["topk_logprobs"] = [s.topk_logprobs for s in group]
+        if extras is not None:
+            row["extra"] = json.dumps(extras[i])
         rows.append(row)
     return rows
 
@@ -67,7 +72,8 @@ def _write(rows: list[dict], path: str, fmt: str) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pa.Table.from_pylist(rows, schema=_schema(bool(rows) and "topk_ids" in rows[0]))
+        first = rows[0] if rows else {}
+        table = pa.Table.from_pylist(rows, schema=_schema("topk_ids" in first, "extra" in first))
         pq.write_table(table, tmp)
     else:
         with open(tmp, "w", encoding="utf-8") as f:
