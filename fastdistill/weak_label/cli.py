@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     p = argparse.ArgumentParser(
         prog="fastdistill weak-label",
-        description="Teacher chains -> aggregated soft labels -> a small student classifier, measured on held-out data.",
+        description="Teacher chains -> aggregated soft labels -> a small student classifier, scored on held-out text.",
     )
     p.add_argument("--config", required=True, help="the run's YAML file (see configs/weak_labels_*.yaml)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")

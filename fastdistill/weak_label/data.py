@@ -94,7 +94,8 @@ def load_examples(source: str, sets: list[str], text_field: str, label_field: st
                 rating = float(r[label_field])
             except (TypeError, ValueError):
                 raise PromptError(
-                    f"data.label_field: record {i} of {source!r} has {label_field}={r[label_field]!r}; expected a number"
+                    f"data.label_field: record {i} of {source!r} has {label_field}={r[label_field]!r}; "
+                    "expected a number"
                 ) from None
         out.append({"id": str(r.get("id", i)), "text": str(r[text_field]), "rating": rating, "set": "file"})
     return out

@@ -119,7 +119,8 @@ def run(cfg: dict) -> dict:
     )
     sampling = SamplingConfig(seed=seed, **cfg["sampling"]) if task.chain_of_thought else None
     say(
-        f"{len(test)} held-out + {len(train)} unlabeled sentences ({', '.join(d['sets']) if d['source'] == 'vader' else d['source']}); "
+        f"{len(test)} held-out + {len(train)} unlabeled sentences "
+        f"({', '.join(d['sets']) if d['source'] == 'vader' else d['source']}); "
         f"{sampling.num_samples if sampling else 1} teacher sample(s) each; labels {task.labels}; world size {world}"
     )
     direct_template = [codec.encode(p.text + task.answer_prompt) for p in prompts]
@@ -289,7 +290,8 @@ def format_table(summary: dict) -> str:
     lines.append("")
     lines.append(
         f"held-out sentences: {summary['held_out']}; soft labels: {summary['train_soft_labels']}; "
-        f"seconds per sentence: teacher chains ({summary['num_samples']} samples) {sec['teacher_chains_all_samples']:.3f}, "
+        f"seconds per sentence: teacher chains ({summary['num_samples']} samples) "
+        f"{sec['teacher_chains_all_samples']:.3f}, "
         f"teacher direct {sec['teacher_direct']:.4f}, student {sec['student']:.5f} "
         f"(student {summary['student_speedup_vs_teacher_chains'] or float('nan'):.1f}x faster than the chains, "
         f"{summary['student_speedup_vs_teacher_direct'] or float('nan'):.1f}x than the direct answer)"

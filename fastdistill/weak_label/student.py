@@ -34,7 +34,8 @@ def resolve_student(name: str) -> str:
         return os.path.join(list(spec.submodule_search_locations)[0], sub)
     if not os.path.isdir(name):
         raise FileNotFoundError(
-            f"student.model: got {name!r}; expected {sorted(BUILTIN_STUDENTS)} or a Hugging Face folder (no hub downloads)"
+            f"student.model: got {name!r}; expected {sorted(BUILTIN_STUDENTS)} or a Hugging Face folder "
+            "(no hub downloads)"
         )
     return name
 
