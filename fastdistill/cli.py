@@ -13,6 +13,7 @@ COMMANDS = {
     "train": ("fastdistill.train.cli", "online distillation of a frozen teacher into a student (DeepSpeed)"),
     "generate": ("fastdistill.generate.cli", "sample N continuations per prompt from the teacher into a dataset"),
     "weak-label": ("fastdistill.weak_label.cli", "teacher chains -> aggregated soft labels -> a student classifier"),
+    "socratic": ("fastdistill.socratic.cli", "teacher sub-question chains -> question generator + answerer"),
     "dataset-distill": ("fastdistill.dataset_distill.cli", "condense a dataset by matching training trajectories"),
 }
 
