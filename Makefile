@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export DS_BUILD_OPS := 0
 PYTEST_ARGS ?=
 
-.PHONY: all install ext test demo bench bench-trainer gpu-check nvcc-check lint clean data-weak-labels demo-weak-labels
+.PHONY: all install ext test demo bench bench-trainer gpu-check nvcc-check lint clean data-weak-labels demo-weak-labels demo-socratic
 
 all: test
 
@@ -67,6 +67,11 @@ demo-weak-labels: install data-weak-labels
 	$(BIN)/fastdistill weak-label --config configs/weak_labels_vader.yaml run.output_dir=runs/demo_weak_labels \
 	  data.test_per_set=20 data.train_per_set=30 sampling.num_samples=2 sampling.max_new_tokens=12 \
 	  "evaluate.samples=[1,2]" student.epochs=3
+
+# Socratic decomposition end to end on the embedded word problems, small enough for a 2-core CPU
+demo-socratic: install
+	$(BIN)/fastdistill socratic --config configs/socratic_synthetic.yaml run.output_dir=runs/demo_socratic \
+	  data.train_size=24 data.test_size=8 student.train.schedule.max_steps=20
 
 # kernel and trainer microbenchmarks on this machine (CPU presets; rows appended to benchmarks/results/*.csv)
 bench: install
