@@ -330,9 +330,14 @@ def continuation_logprobs(
         for r, (_, _, seq) in enumerate(chunk):
             ids[r, width - len(seq) :] = torch.tensor(seq)
             mask[r, width - len(seq) :] = 1
+        # left padding puts every continuation at the end: only the last `keep` positions' logits are formed
+        keep = 1 if single else max(len(continuations[j]) for _, j, _ in chunk) + 1
         logits = model(
-            input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=_position_ids(mask).to(device)
-        ).logits
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=_position_ids(mask).to(device),
+            logits_to_keep=keep,
+        ).logits  # [B, keep, V]
         logp = torch.log_softmax(logits.double().cpu(), dim=-1)
         for r, (i, j, seq) in enumerate(chunk):
             if single:
@@ -340,5 +345,5 @@ def continuation_logprobs(
             else:
                 k = len(continuations[j])
                 targets = torch.tensor(seq[-k:])
-                out[i, j] = logp[r, width - k - 1 : width - 1].gather(-1, targets[:, None]).sum()
+                out[i, j] = logp[r, keep - k - 1 : keep - 1].gather(-1, targets[:, None]).sum()
     return out
