@@ -131,7 +131,10 @@ def run(cfg: dict) -> dict:
         contexts = [c for p, g in zip(batch, results) for c in answer_contexts(codec, task, p, [s.text for s in g])]
         lp = continuation_logprobs(m, contexts, verbalizers).tolist()
         t1 = time.perf_counter()
-        direct = continuation_logprobs(m, [direct_template[p.id] for p in batch], verbalizers).tolist()
+        if task.chain_of_thought:
+            direct = continuation_logprobs(m, [direct_template[p.id] for p in batch], verbalizers).tolist()
+        else:  # the one context per prompt already is the direct answer
+            direct = lp
         t2 = time.perf_counter()
         per = len(contexts) // len(batch)
         return [
