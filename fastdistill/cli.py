@@ -12,6 +12,9 @@ import sys
 COMMANDS = {
     "train": ("fastdistill.train.cli", "online distillation of a frozen teacher into a student (DeepSpeed)"),
     "teacher-cache": ("fastdistill.cache.cli", "build / inspect an on-disk cache of a teacher's top-k targets"),
+    "generate": ("fastdistill.generate.cli", "sample N continuations per prompt from the teacher into a dataset"),
+    "weak-label": ("fastdistill.weak_label.cli", "teacher chains -> aggregated soft labels -> a student classifier"),
+    "socratic": ("fastdistill.socratic.cli", "teacher sub-question chains -> question generator + answerer"),
     "dataset-distill": ("fastdistill.dataset_distill.cli", "condense a dataset by matching training trajectories"),
 }
 
