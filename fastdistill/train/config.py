@@ -14,8 +14,9 @@ from typing import Any
 
 import yaml
 
+from fastdistill.divergences import DIVERGENCES  # the one table of divergences (ids, beta = 0 / 1 conventions)
+
 BUILTIN_MODELS = ("smollm2-135m-instruct",)
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
 LOSS_TYPES = ("logit_kd", "hard_ce", "hint", "attention", "affinity")
 
 
