@@ -99,6 +99,9 @@ def _element_terms(b_ls, b_lt, beta, log_beta, log_1m_beta, DIVERGENCE: tl.const
         b_lm = _log_mix(b_ls, b_lt, log_beta, log_1m_beta)
         b_d = tl.where(b_ps == 0, 0.0, b_ps * (b_ls - b_lm))
         b_a = b_ls - b_lm - beta * tl.exp(b_ls - b_lm)
+        # beta = 1 (the table's "zero"): m = ps, a is the constant -1, whose gradient ps (a - sum ps a) is exactly 0
+        # only if written as 0 (sum ps rounds)
+        b_a = tl.where(log_1m_beta == float("-inf"), 0.0, b_a)
     return b_ps, b_d, b_a
 
 

@@ -28,9 +28,9 @@ def _seed(request) -> int:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence, beta", BP.CASES, ids=[f"{d}-b{b:g}" for d, b in BP.CASES])
 def test_fp32_error_within_factor_of_eager(divergence, beta, backend, request):
-    if backend == "triton" and divergence not in ("jsd", "tvd", "reverse_kl"):
-        pytest.skip("interpreter time: triton is checked on the 3-pass and 2-pass families (jsd, tvd, reverse_kl)")
-    rows = 2 if backend == "triton" else 4
+    if backend == "triton" and divergence not in ("tvd", "reverse_kl"):
+        pytest.skip("interpreter time: triton is checked on one 3-pass (tvd) and one 2-pass (reverse_kl) divergence")
+    rows = 1 if backend == "triton" else 4
     s, t = BP.make_inputs(V, rows=rows, seed=_seed(request))
     errs = BP.errors(s, t, divergence, beta, [backend])
     eager_loss, eager_grad = errs["eager"]

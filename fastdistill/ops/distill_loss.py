@@ -69,6 +69,8 @@ def _student_grad_torch(s: torch.Tensor, t: torch.Tensor, divergence: int, beta:
             log_m = t_ if beta == 0.0 else torch.logaddexp(t_ + math.log(beta), s_ + math.log1p(-beta))
             a = -(1 - beta) * torch.exp(t_ - log_m) * (pt > 0)
         else:  # skew_reverse_kl: m = beta p_s + (1 - beta) p_t
+            if beta == 1.0:  # the table's "zero": exactly, not sum(ps) - 1 rounded
+                return zero
             log_m = (
                 s_
                 if beta == 1.0
