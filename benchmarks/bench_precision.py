@@ -107,6 +107,7 @@ def run(vocabs=VOCABS, backends=("cpp", "triton", "torch"), csv_name="precision"
     print(head)
     records = []
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    path = os.path.join(C.results_dir(), f"{csv_name}.csv")
     for vocab in vocabs:
         s, t = make_inputs(vocab)
         for divergence, beta in CASES:
@@ -117,33 +118,34 @@ def run(vocabs=VOCABS, backends=("cpp", "triton", "torch"), csv_name="precision"
             for b in backends:
                 ratio = max(errs[b][0] / max(eager_loss, 1e-12), errs[b][1] / max(eager_grad, 1e-12))
                 line += f" {ratio:>12.2f}{'  ok' if ratio <= GOAL else ' !!'}"
-            print(line)
-            for p, (le, ge) in errs.items():
-                records.append(
-                    dict(
-                        timestamp=stamp,
-                        device=C.device_name(torch.device("cpu")),
-                        provider=p,
-                        vocab=vocab,
-                        rows=ROWS,
-                        dtype="float32",
-                        divergence=divergence,
-                        beta=beta,
-                        loss_rel_err=f"{le:.3e}",
-                        grad_rel_err=f"{ge:.3e}",
-                        loss_ratio_to_eager=f"{le / max(eager_loss, 1e-12):.3f}",
-                        grad_ratio_to_eager=f"{ge / max(eager_grad, 1e-12):.3f}",
-                        torch=torch.__version__,
-                        git_sha=C.git_sha(),
-                    )
+            print(line, flush=True)
+            new = [
+                dict(
+                    timestamp=stamp,
+                    device=C.device_name(torch.device("cpu")),
+                    provider=p,
+                    vocab=vocab,
+                    rows=ROWS,
+                    dtype="float32",
+                    divergence=divergence,
+                    beta=beta,
+                    loss_rel_err=f"{le:.3e}",
+                    grad_rel_err=f"{ge:.3e}",
+                    loss_ratio_to_eager=f"{le / max(eager_loss, 1e-12):.3f}",
+                    grad_ratio_to_eager=f"{ge / max(eager_grad, 1e-12):.3f}",
+                    torch=torch.__version__,
+                    git_sha=C.git_sha(),
                 )
-    path = os.path.join(C.results_dir(), f"{csv_name}.csv")
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(records[0]))
-        if new:
-            w.writeheader()
-        w.writerows(records)
+                for p, (le, ge) in errs.items()
+            ]
+            # appended case by case: an interrupted run keeps what it measured
+            exists = os.path.exists(path)
+            with open(path, "a", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(new[0]))
+                if not exists:
+                    w.writeheader()
+                w.writerows(new)
+            records += new
     print(f"\nrows appended to {path}")
     return records
 
