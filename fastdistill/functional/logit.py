@@ -70,7 +70,7 @@ def distill_loss(
         reduction: ``batchmean`` (sum over valid rows / number of valid rows in the whole input; 0 when none are
             valid), ``sum``, or ``none`` (per row, shape ``[...]``, 0 for ignored rows).
         scale_by_t2: multiply the loss by T^2.
-        backend: force ``triton`` / ``cuda`` / ``cpp`` / ``torch`` for this call (default: ``FASTDISTILL_BACKEND`` or
+        backend: force ``triton`` / ``cpp`` / ``torch`` for this call (default: ``FASTDISTILL_BACKEND`` or
             the best available for the device).
 
     Shape:
@@ -134,6 +134,8 @@ def kl_div(
     One deliberate difference: a ``log_target`` entry of ``-inf`` (probability 0) contributes 0 here, where torch's
     fused paths return NaN (``0 * -inf``); everywhere else values and gradients agree.
     Reductions: ``mean`` (over all elements), ``batchmean`` (sum / ``input.size(0)``), ``sum``, ``none``.
+
+    Under ``torch.autocast`` it runs in float32 (both inputs cast first), as torch runs ``kl_div`` there.
 
     For ``mean`` / ``batchmean`` / ``sum`` the loss and the gradient w.r.t. ``input`` come from one fused pass and
     backward only scales the saved gradient. ``reduction="none"`` (whose output is itself [N, V]) and a ``target``
