@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export DS_BUILD_OPS := 0
 PYTEST_ARGS ?=
 
-.PHONY: all install ext test demo demo-cache bench bench-trainer gpu-check nvcc-check lint clean data-weak-labels demo-weak-labels demo-socratic
+.PHONY: all install ext test demo demo-cache bench bench-trainer gpu-check lint clean data-weak-labels demo-weak-labels demo-socratic
 
 all: test
 
@@ -105,10 +105,6 @@ gpu-check: install
 	$(PY) benchmarks/bench_distill_loss.py --preset gpu
 	$(PY) benchmarks/bench_fused_linear_distill.py --preset gpu
 	$(PY) benchmarks/bench_attention_distill.py --preset gpu
-
-# compile-only check of the CUDA sources with the machine's nvcc (skipped where there is none)
-nvcc-check: install
-	$(PY) -m pytest tests/test_build.py -q -k nvcc
 
 lint:
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,9 +1,8 @@
-"""Build fastdistill and its optional C++/CUDA extension ``fastdistill._C``.
+"""Build fastdistill and its optional C++ CPU extension ``fastdistill._C`` (GPU kernels are Triton, compiled at run
+time).
 
 Environment:
     FASTDISTILL_SKIP_EXT=1     build no extension (everything falls back to Triton / the torch reference)
-    FASTDISTILL_FORCE_CUDA=1   compile the CUDA sources even when torch reports no GPU (needs nvcc + a CUDA torch)
-    FASTDISTILL_NO_CUDA=1      never compile the CUDA sources
     MAX_JOBS                   parallel compile jobs (ninja)
 
 The extension needs torch at build time: install with ``pip install --no-build-isolation .`` (or ``-e .``). Without
@@ -28,36 +27,18 @@ def extensions():
         return [], {}
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
         print("fastdistill: torch is not importable at build time; building without fastdistill._C", file=sys.stderr)
         return [], {}
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     if not cpp:
         return [], {}
-    with_cuda = (
-        not _flag("FASTDISTILL_NO_CUDA")
-        and bool(cu)
-        and CUDA_HOME is not None
-        and torch.version.cuda is not None
-        and (torch.cuda.is_available() or _flag("FASTDISTILL_FORCE_CUDA"))
-    )
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     cxx = ["-O3", "-std=c++20", "-march=x86-64-v2", "-ffast-math", "-fno-finite-math-only"] + openmp
     if os.uname().machine != "x86_64":
         cxx.remove("-march=x86-64-v2")
-    macros = [("WITH_CUDA", None)] if with_cuda else []
-    if with_cuda:
-        ext = CUDAExtension(
-            "fastdistill._C",
-            cpp + cu,
-            define_macros=macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++20", "-lineinfo"]},
-            extra_link_args=openmp,
-        )
-    else:
-        ext = CppExtension("fastdistill._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=openmp)
+    ext = CppExtension("fastdistill._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=openmp)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -95,11 +95,11 @@ def providers(device, divergence, use_compile):
     if use_compile:
         compiled = torch.compile(lambda s, t: torch_loss(s, t, divergence))
         out["torch.compile"] = compiled
-    for b in ("triton", "cuda", "cpp", "torch"):
+    for b in _backend.BACKENDS:
         try:
-            from fastdistill.ops.distill_loss import DIVERGENCE_ID, resolve_backend
+            from fastdistill.ops.distill_loss import resolve_backend
 
-            resolve_backend(device, DIVERGENCE_ID[divergence], b)
+            resolve_backend(device, b)
         except RuntimeError:
             continue
         if b == "triton" and device.type != "cuda":
@@ -165,8 +165,22 @@ def _measure_mode(name, fn, mode, s0, t, divergence, device, dtype, repeats):
         return None
 
 
-def run(preset: str, *, providers_filter=None, repeats=None, csv_name="distill_loss", plot=True, device=None):
-    cfg = PRESETS[preset]
+def run(
+    preset: str,
+    *,
+    providers_filter=None,
+    repeats=None,
+    csv_name="distill_loss",
+    plot=True,
+    device=None,
+    divergences=None,
+    modes=None,
+):
+    cfg = dict(PRESETS[preset])
+    if divergences:
+        cfg["divergences"] = list(divergences)
+    if modes:
+        cfg["modes"] = list(modes)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, cfg["dtype"])
     repeats = repeats or cfg["repeats"]
@@ -224,8 +238,19 @@ def main(argv=None):
     p.add_argument("--csv", default="distill_loss", help="CSV / plot name under benchmarks/results/")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--divergences", nargs="*", choices=R.DIVERGENCES, help="override the preset's divergences")
+    p.add_argument("--modes", nargs="*", choices=("forward", "backward", "full"), help="override the preset's modes")
     a = p.parse_args(argv)
-    run(a.preset, providers_filter=a.providers, repeats=a.repeats, csv_name=a.csv, plot=not a.no_plot, device=a.device)
+    run(
+        a.preset,
+        providers_filter=a.providers,
+        repeats=a.repeats,
+        csv_name=a.csv,
+        plot=not a.no_plot,
+        device=a.device,
+        divergences=a.divergences,
+        modes=a.modes,
+    )
 
 
 if __name__ == "__main__":

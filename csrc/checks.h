@@ -6,6 +6,8 @@
 
 #include <cmath>
 
+#include "divergences.h"
+
 namespace fastdistill {
 
 inline bool is_supported_float(at::ScalarType t) {
@@ -53,22 +55,15 @@ inline bool is_supported_float(at::ScalarType t) {
 
 namespace fastdistill {
 
-// Validates the scalar options of distill_loss_rows and returns the divergence id the kernels run: generalized JSD at
-// beta = 0 / 1 is forward / reverse KL (the TRL / Liger convention, as fastdistill.ops.distill_loss maps it), and the
-// skew KLs at beta = 0 are the plain KLs.
+// Validates the scalar options of distill_loss_rows and returns the divergence id the kernels run: the table's
+// conventions at beta = 0 / 1 (fastdistill/divergences.py, generated into divergences.h), the same as in Python.
 inline int64_t checked_divergence(int64_t divergence, double beta, double temperature) {
-  TORCH_CHECK(divergence >= 0 && divergence <= 5, "divergence=", divergence,
-              " is not a divergence id; expected 0 forward_kl, 1 reverse_kl, 2 jsd, 3 tvd, 4 skew_forward_kl or "
-              "5 skew_reverse_kl");
+  TORCH_CHECK(divergence >= 0 && divergence < kNumDivergences, "divergence=", divergence,
+              " is not a divergence id; expected one of ", kDivergenceNames);
   TORCH_CHECK(beta >= 0.0 && beta <= 1.0, "beta=", beta, " is out of range; expected a value in [0, 1]");
   TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), "temperature=", temperature,
               " is out of range; expected a finite value > 0");
-  if (divergence == 2 && beta == 0.0) return 0;
-  if (divergence == 2 && beta == 1.0) return 1;
-  // skew KLs at beta = 0: the mixture is the other distribution, i.e. exactly the forward / reverse KL
-  if (divergence == 4 && beta == 0.0) return 0;
-  if (divergence == 5 && beta == 0.0) return 1;
-  return divergence;
+  return canonical_divergence(divergence, beta);
 }
 
 }  // namespace fastdistill

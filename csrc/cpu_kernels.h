@@ -8,19 +8,16 @@
 
 #include <cstdint>
 
+#include "divergences.h"  // generated from fastdistill/divergences.py: the divergence ids (kForwardKL, ...)
+
 namespace fastdistill::cpu {
 
 enum class Dtype : int { kFloat, kDouble, kBFloat16, kHalf };
 
-// Divergence ids: the same numbering as fastdistill.reference.DIVERGENCES (part of the kernel ABI).
-enum Divergence : int64_t {
-  kForwardKL = 0,
-  kReverseKL = 1,
-  kJSD = 2,
-  kTVD = 3,
-  kSkewForwardKL = 4,
-  kSkewReverseKL = 5,
-};
+// distill_rows_typed dispatches on every id of the table: a divergence added there fails here until it has a kernel
+static_assert(kNumDivergences == 6 && kForwardKL == 0 && kReverseKL == 1 && kJSD == 2 && kTVD == 3 &&
+                  kSkewForwardKL == 4 && kSkewReverseKL == 5,
+              "csrc/divergences.h changed: update the kernels' dispatch in cpu_kernels_impl.h");
 
 struct DistillRowsArgs {
   const void* student;  // [N, V] rows, unit stride inside a row
@@ -36,12 +33,13 @@ struct DistillRowsArgs {
   double beta;
   double inv_temperature;
   double loss_scale;
-  double grad_scale;  // loss_scale / T * grad_scale[0] is applied to the gradient
+  double grad_scale;  // grad_scale[0]: multiplies both terms' gradients (batchmean's 1 / n_valid)
+  double soft_scale;  // the divergence's gradient is grad_scale * soft_scale * d loss_rows / d student
   Dtype dtype;
-  // fused cross-entropy term (temperature 1, target labels[i]): ce_rows[i] = lse(s) - s[label], and
-  // grad_scale * ce_weight * (softmax(s) - onehot(label)) added to the gradient; ce_rows == nullptr: off
+  // hard (cross-entropy) term (temperature 1, target labels[i]): ce_rows[i] = lse(s) - s[label], and
+  // grad_scale * ce_scale * (softmax(s) - onehot(label)) added to the gradient; ce_rows == nullptr: off
   float* ce_rows;  // [N] or nullptr
-  double ce_weight;
+  double ce_scale;
 };
 
 struct KlDivRowsArgs {

@@ -15,7 +15,7 @@
 // block (max, then exp) and keeps its exps, so pass 2 needs no exp at all.
 // Fused cross-entropy term (args.ce_rows != nullptr): at T == 1 the student's running max / sum of pass 1 are also
 // the CE's log-sum-exp; at T != 1 pass 1 keeps one more online sum over the raw student row. The passes that write the
-// gradient add ce_c softmax(s) to it and then subtract ce_c at the label (ce_c = grad_scale * ce_weight).
+// gradient add ce_c softmax(s) to it and then subtract ce_c at the label (ce_c = grad_scale * ce_scale).
 // log p is always formed as (x' - max) - log(sum), never x' - lse in float32, which would lose ~1e-4 for logits of
 // 1e4 (the kernel files turn off -ffast-math's reassociation so the compiler keeps that order).
 // Terms with a zero probability are 0 ("0 where p == 0"), so -inf at the same entries of both rows (a masked
@@ -116,16 +116,48 @@ inline void for_each_chunk(const scalar_t* s, const scalar_t* t, int64_t V, acc_
   }
 }
 
+// Row sums are blocked so that their rounding error does not grow with V: the vector lanes accumulate at most
+// kFlushChunks chunks (2048 float32 elements with AVX2) in acc_t, then the block's total is folded into a double.
+// A plain running fp32 sum over a 128k row lost ~1e-5 relative (3x torch's cascade sum) and grew with V; the fold
+// costs one horizontal reduction per block.
+constexpr int kFlushChunks = 256;
+
+// sum of chunks: lanes for one block, a double across blocks
+template <typename acc_t>
+struct BlockedSum {
+  Vec<acc_t> lanes = Vec<acc_t>(0);
+  double total = 0;
+  int count = 0;
+
+  inline void add(const Vec<acc_t>& x) {
+    lanes = lanes + x;
+    if (++count == kFlushChunks) flush();
+  }
+  inline void flush() {
+    total += at::vec::vec_reduce_all<acc_t>([](Vec<acc_t> x, Vec<acc_t> y) { return x + y; }, lanes);
+    lanes = Vec<acc_t>(0);
+    count = 0;
+  }
+  double finish() {
+    flush();
+    return total;
+  }
+};
+
 // Per-lane online log-sum-exp: running max m, z = sum exp(x - m), and an optional weighted sum a = sum exp(x - m) w
 // rescaled with z. m starts at the lowest finite value (not -inf) so that -inf inputs give exp(-inf) = 0, never
-// exp(-inf - -inf) = NaN.
+// exp(-inf - -inf) = NaN. Every kFlushChunks chunks the lanes' z and a are folded into a scalar (max, sum, weighted
+// sum) kept in double (see BlockedSum); the lane maxima stay, so the next block rescales only when they move.
 template <typename acc_t>
 struct OnlineLse {
   Vec<acc_t> m = Vec<acc_t>(std::numeric_limits<acc_t>::lowest());
   Vec<acc_t> z = Vec<acc_t>(0);
   Vec<acc_t> a = Vec<acc_t>(0);
+  double fold_max = -std::numeric_limits<double>::infinity(), fold_z = 0, fold_a = 0;
+  int count = 0;
 
-  // Adds x and returns exp(x - m) under the updated max.
+  // Adds x and returns exp(x - m) under the updated max. The caller adds its weighted term to `a` and then calls
+  // tick() (the flush must come after that term).
   template <bool kWeighted>
   inline Vec<acc_t> add(const Vec<acc_t>& x) {
     if (any_lane(x > m)) {  // a lane's max moved: rescale (rare once the first chunks have been seen)
@@ -139,26 +171,41 @@ struct OnlineLse {
     z = z + e;
     return e;
   }
+  inline void tick() {
+    if (++count == kFlushChunks) flush();
+  }
 
-  // Combines the lanes (in double): max, log-sum-exp and the weighted sum divided by the sum of exp.
-  struct Result {
-    double max, lse, weighted_mean;
-  };
-  Result finish() const {
+  // Folds the lanes into the double state and clears their sums (their maxima are kept).
+  void flush() {
     constexpr int W = Vec<acc_t>::size();
     __at_align__ acc_t bm[W], bz[W], ba[W];
     m.store(bm);
     z.store(bz);
     a.store(ba);
-    double mx = -std::numeric_limits<double>::infinity();
+    double mx = fold_max;
     for (int k = 0; k < W; ++k) mx = std::max(mx, static_cast<double>(bm[k]));
-    double zz = 0, aa = 0;
+    const double r_old = fold_max == -std::numeric_limits<double>::infinity() ? 0.0 : std::exp(fold_max - mx);
+    double zz = fold_z * r_old, aa = fold_a * r_old;
     for (int k = 0; k < W; ++k) {
       const double r = std::exp(static_cast<double>(bm[k]) - mx);
       zz += bz[k] * r;
       aa += ba[k] * r;
     }
-    return {mx, mx + std::log(zz), aa / zz};
+    fold_max = mx;
+    fold_z = zz;
+    fold_a = aa;
+    z = Vec<acc_t>(0);
+    a = Vec<acc_t>(0);
+    count = 0;
+  }
+
+  // max, log-sum-exp and the weighted sum divided by the sum of exp, over everything added.
+  struct Result {
+    double max, lse, weighted_mean;
+  };
+  Result finish() {
+    flush();
+    return {fold_max, fold_max + std::log(fold_z), fold_a / fold_z};
   }
 };
 
@@ -225,7 +272,7 @@ inline void finish_ce(const DistillRowsArgs& args, const scalar_t* s, scalar_t* 
                       float* ce) {
   *ce = static_cast<float>(lse - static_cast<double>(s[label]));
   if (g != nullptr) {
-    g[label] = static_cast<scalar_t>(static_cast<double>(g[label]) - args.grad_scale * args.ce_weight);
+    g[label] = static_cast<scalar_t>(static_cast<double>(g[label]) - args.grad_scale * args.ce_scale);
   }
 }
 
@@ -244,7 +291,10 @@ void distill_row(const DistillRowsArgs& args, const scalar_t* s, const scalar_t*
   V bad(0);  // lanes that saw a NaN
   for_each_chunk<acc_t>(s, t, n_vocab, inv_t, [&](const V& xs, const V& xt, int64_t j, int64_t n) {
     bad = bad | (xs != xs) | (xt != xt);
-    if (with_ce && !ce_shared) oc.template add<false>(raw_chunk<acc_t>(s, j, n));
+    if (with_ce && !ce_shared) {
+      oc.template add<false>(raw_chunk<acc_t>(s, j, n));
+      oc.tick();
+    }
     if constexpr (kDiv == kForwardKL) {
       os.template add<false>(xs);
       const V et = ot.template add<true>(xt);
@@ -257,6 +307,8 @@ void distill_row(const DistillRowsArgs& args, const scalar_t* s, const scalar_t*
       os.template add<false>(xs);
       ot.template add<false>(xt);
     }
+    os.tick();
+    ot.tick();
   });
   const auto rs = os.finish();
   const auto rt = ot.finish();
@@ -275,9 +327,9 @@ void distill_row(const DistillRowsArgs& args, const scalar_t* s, const scalar_t*
   const V log_z_s(static_cast<acc_t>(rs.lse - rs.max)), log_z_t(static_cast<acc_t>(rt.lse - rt.max));
   auto log_ps = [&](const V& xs) { return (xs - max_s) - log_z_s; };
   auto log_pt = [&](const V& xt) { return (xt - max_t) - log_z_t; };
-  const V grad_c(static_cast<acc_t>(args.loss_scale * args.inv_temperature * args.grad_scale));
+  const V grad_c(static_cast<acc_t>(args.loss_scale * args.inv_temperature * args.grad_scale * args.soft_scale));
   // CE gradient ce_c softmax(s) with log softmax(s) = (s - max) - log(sum) of the raw row (or of xs when T == 1)
-  const V ce_c(static_cast<acc_t>(args.grad_scale * args.ce_weight));
+  const V ce_c(static_cast<acc_t>(args.grad_scale * args.ce_scale));
   const V max_c(static_cast<acc_t>(rc.max)), log_z_c(static_cast<acc_t>(rc.lse - rc.max));
   auto add_ce = [&](const V& grad, const V& xs, int64_t j, int64_t n) {
     if (!with_ce) return grad;
@@ -309,22 +361,22 @@ void distill_row(const DistillRowsArgs& args, const scalar_t* s, const scalar_t*
   } else {
     const ThreePass<acc_t, kDiv> div(args.beta);
     // pass 2: loss and S = sum ps a
-    V acc_loss(0), acc_pa(0);
+    BlockedSum<acc_t> acc_loss, acc_pa;
     for_each_chunk<acc_t>(s, t, n_vocab, inv_t, [&](const V& xs, const V& xt, int64_t, int64_t) {
       const V lps = log_ps(xs), lpt = log_pt(xt);
       const V ps = vexp(lps);
       V term, a;
       div.eval(lps, lpt, ps, vexp(lpt), term, a);
-      acc_loss = acc_loss + term;
-      acc_pa = acc_pa + safe_mul(ps, a);
+      acc_loss.add(term);
+      acc_pa.add(safe_mul(ps, a));
     });
-    const double raw = at::vec::vec_reduce_all<acc_t>([](V x, V y) { return x + y; }, acc_loss);
+    const double raw = acc_loss.finish();
     *loss = static_cast<float>(args.loss_scale * raw);
     if (g == nullptr) {
       if (with_ce) finish_ce(args, s, g, label, rc.lse, ce);
       return;
     }
-    const V sum_pa(at::vec::vec_reduce_all<acc_t>([](V x, V y) { return x + y; }, acc_pa));
+    const V sum_pa(static_cast<acc_t>(acc_pa.finish()));
     // pass 3: dL/ds'_j = ps_j (a_j - S)
     for_each_chunk<acc_t>(s, t, n_vocab, inv_t, [&](const V& xs, const V& xt, int64_t j, int64_t n) {
       const V lps = log_ps(xs), lpt = log_pt(xt);
@@ -451,9 +503,9 @@ void forward_kl_row_cached(const DistillRowsArgs& args, const scalar_t* s, const
   *loss = static_cast<float>(args.loss_scale * (a / zt - lse_t + lse_s));
 
   // pass 2: grad = (exp_s * exp(bms - lse_s) - exp_t * exp(bmt - lse_t)) * loss_scale / T * grad_scale; the fused CE
-  // (only routed here at T == 1, where ps is also the CE's softmax) adds grad_scale * ce_weight * ps to it
-  const double c = args.loss_scale * args.inv_temperature * args.grad_scale;
-  const double c_s = ce != nullptr ? c + args.grad_scale * args.ce_weight : c;
+  // (only routed here at T == 1, where ps is also the CE's softmax) adds grad_scale * ce_scale * ps to it
+  const double c = args.loss_scale * args.inv_temperature * args.grad_scale * args.soft_scale;
+  const double c_s = ce != nullptr ? c + args.grad_scale * args.ce_scale : c;
   for (int64_t b = 0; b < n_blocks; ++b) {
     const int64_t j0 = b * kBlock, j1 = std::min(n_vocab, j0 + kBlock);
     const V cs(static_cast<acc_t>(std::exp(block_max[b] - lse_s) * c_s));
@@ -523,11 +575,11 @@ void kl_div_rows_typed(const KlDivRowsArgs& args, int64_t begin, int64_t end) {
     const scalar_t* x_row = input + i * args.input_row_stride;  // int64 offsets, as above
     const scalar_t* t_row = target + i * args.target_row_stride;
     scalar_t* g_row = grad != nullptr ? grad + i * n_vocab : nullptr;
-    V acc(0);
+    BlockedSum<acc_t> acc;
     auto chunk = [&](const V& x, const V& tv, int64_t j, int64_t n) {
       const V t = args.log_target ? vexp(tv) : tv;
       const V log_t = args.log_target ? tv : tv.log();
-      acc = acc + safe_mul(t, log_t - x);
+      acc.add(safe_mul(t, log_t - x));
       if (g_row != nullptr) store<scalar_t>(g_row + j, t * neg_scale, n);
     };
     int64_t j = 0;
@@ -536,7 +588,7 @@ void kl_div_rows_typed(const KlDivRowsArgs& args, int64_t begin, int64_t end) {
       chunk(load_tail<acc_t>(x_row + j, n_vocab - j, acc_t(0)), load_tail<acc_t>(t_row + j, n_vocab - j, target_pad),
             j, n_vocab - j);
     }
-    args.loss[i] = static_cast<float>(at::vec::vec_reduce_all<acc_t>([](V x, V y) { return x + y; }, acc));
+    args.loss[i] = static_cast<float>(acc.finish());
   }
 }
 

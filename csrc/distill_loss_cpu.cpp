@@ -55,7 +55,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_rows_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
     const at::Tensor& grad_scale, int64_t divergence, double beta, double temperature, int64_t ignore_index,
-    double loss_scale, bool need_grad, double ce_weight) {
+    double loss_scale, bool need_grad, double ce_scale, double soft_scale) {
   FD_CHECK_CPU(student);
   FD_CHECK_FLOAT(student);
   FD_CHECK_ROWS(student);
@@ -70,10 +70,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_rows_cpu(
     labels_i64 = labels->reshape({-1}).to(at::kLong).contiguous();
   }
 
-  TORCH_CHECK(ce_weight >= 0.0 && std::isfinite(ce_weight), "ce_weight=", ce_weight,
-              " is out of range; expected a finite value >= 0");
-  const bool with_ce = ce_weight != 0.0;
-  TORCH_CHECK(!with_ce || labels.has_value(), "ce_weight=", ce_weight,
+  TORCH_CHECK(std::isfinite(soft_scale), "soft_scale=", soft_scale, " is not finite; expected a finite value");
+  TORCH_CHECK(std::isfinite(ce_scale), "ce_scale=", ce_scale, " is not finite; expected a finite value");
+  const bool with_ce = ce_scale != 0.0;
+  TORCH_CHECK(!with_ce || labels.has_value(), "ce_scale=", ce_scale,
               " needs labels (the cross-entropy targets), got labels=None");
 
   const int64_t n_rows = student.size(0), vocab = student.size(1);
@@ -81,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_rows_cpu(
     // the kernel indexes the row with the label: out-of-range targets would read outside it
     const at::Tensor bad = labels_i64.ne(ignore_index).logical_and(labels_i64.lt(0).logical_or(labels_i64.ge(vocab)));
     TORCH_CHECK(!bad.any().item<bool>(), "labels has a value outside [0, ", vocab, ") (and != ignore_index=",
-                ignore_index, "); expected class indices of student's last dimension for ce_weight > 0");
+                ignore_index, "); expected class indices of student's last dimension for ce_scale != 0");
   }
   at::Tensor loss = at::empty({n_rows}, student.options().dtype(at::kFloat));
   at::Tensor grad = need_grad ? at::empty({n_rows, vocab}, student.options()) : at::empty({0}, student.options());
@@ -104,9 +104,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_rows_cpu(
   args.inv_temperature = 1.0 / temperature;
   args.loss_scale = loss_scale;
   args.grad_scale = grad_scale.item<double>();  // a CPU scalar: no device sync
+  args.soft_scale = soft_scale;
   args.dtype = cpu_dtype(student.scalar_type());
   args.ce_rows = with_ce ? ce_rows.data_ptr<float>() : nullptr;
-  args.ce_weight = ce_weight;
+  args.ce_scale = ce_scale;
 
   const bool avx2 = std::strcmp(cpu::active_capability(), "avx2") == 0;
   at::parallel_for(0, n_rows, row_grain(vocab), [&](int64_t begin, int64_t end) {

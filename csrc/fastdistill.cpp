@@ -2,8 +2,8 @@
 //
 // Only the row kernels are defined here. The Python package defines its own ops in the same namespace
 // (fastdistill::distill_loss, fastdistill::kl_div) with torch.library.custom_op, which registers FRAGMENTs, so this
-// must stay the namespace's single TORCH_LIBRARY block. Implementations: distill_loss_cpu.cpp, kl_div_cpu.cpp
-// (CPU) and distill_loss_cuda.cu (CUDA, forward KL). Fake (meta) implementations: fastdistill/ops/_extension_fakes.py.
+// must stay the namespace's single TORCH_LIBRARY block. Implementations: distill_loss_cpu.cpp, kl_div_cpu.cpp (CPU;
+// GPUs run the Triton kernels). Fake (meta) implementations: fastdistill/ops/_extension_fakes.py.
 #include <torch/extension.h>
 
 #include <string>
@@ -13,7 +13,8 @@
 TORCH_LIBRARY(fastdistill, m) {
   m.def(
       "distill_loss_rows(Tensor student, Tensor teacher, Tensor? labels, Tensor grad_scale, int divergence, "
-      "float beta, float temperature, int ignore_index, float loss_scale, bool need_grad, float ce_weight=0.0) "
+      "float beta, float temperature, int ignore_index, float loss_scale, bool need_grad, float ce_scale=0.0, "
+      "float soft_scale=1.0) "
       "-> (Tensor, Tensor, Tensor)");
   m.def(
       "kl_div_rows(Tensor input, Tensor target, Tensor grad_scale, bool log_target, bool need_grad) "
@@ -21,12 +22,7 @@ TORCH_LIBRARY(fastdistill, m) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fastdistill C++/CUDA kernels; the ops are under torch.ops.fastdistill";
-#ifdef WITH_CUDA
-  m.attr("WITH_CUDA") = pybind11::bool_(true);
-#else
-  m.attr("WITH_CUDA") = pybind11::bool_(false);
-#endif
+  m.doc() = "fastdistill C++ CPU kernels; the ops are under torch.ops.fastdistill";
   m.def(
       "cpu_capability", [] { return std::string(fastdistill::cpu::active_capability()); },
       "Which CPU kernel variant runs: 'avx2' or 'default' (FASTDISTILL_CPU_CAPABILITY=default forces the latter).");

@@ -2,12 +2,12 @@
 
 Backends:
     triton  Triton kernels from ``fastdistill.kernels`` (CUDA tensors; CPU tensors only with ``TRITON_INTERPRET=1``)
-    cuda    CUDA C++ kernels from the compiled extension ``fastdistill._C`` (ops that have one)
     cpp     C++ CPU kernels (OpenMP) from ``fastdistill._C``
     torch   the pure-torch reference (always available)
 
 ``FASTDISTILL_BACKEND`` forces one; unset or ``auto`` picks per device: CUDA -> triton, CPU -> cpp, falling back to
 torch when the preferred one is missing. A forced backend that cannot run the given tensors is a clear error.
+Every op and every step of a composite op (the fused lm-head loss's dense or top-k chunk terms) decides here.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from functools import cache
 
 import torch
 
-BACKENDS = ("triton", "cuda", "cpp", "torch")
+BACKENDS = ("triton", "cpp", "torch")
 _ENV = "FASTDISTILL_BACKEND"
 _warned = False
 
@@ -73,11 +73,6 @@ def has_cpp_op(name: str) -> bool:
     return hasattr(torch.ops.fastdistill, name)
 
 
-def cuda_ext_available() -> bool:
-    ext = load_extension()
-    return ext is not None and bool(getattr(ext, "WITH_CUDA", False))
-
-
 def requested_backend() -> str:
     value = os.environ.get(_ENV, "auto").strip().lower() or "auto"
     if value != "auto" and value not in BACKENDS:
@@ -87,27 +82,44 @@ def requested_backend() -> str:
 
 @torch.compiler.assume_constant_result
 def choose_backend(
-    device: torch.device, *, cpp_op: str | None = None, cuda_op: str | None = None, backend: str | None = None
+    device: torch.device,
+    *,
+    cpp_op: str | None = None,
+    backend: str | None = None,
+    has_triton: bool = True,
+    cpp_runs_torch: bool = False,
 ) -> str:
     """Pick the backend for tensors on ``device``.
 
     Args:
         device: where the op's inputs live.
-        cpp_op / cuda_op: name of the extension op that implements it on CPU / CUDA (None: no such kernel).
+        cpp_op: name of the extension op that implements it on CPU (None: no C++ kernel).
         backend: an explicit choice (overrides ``FASTDISTILL_BACKEND``); ``None`` or ``"auto"`` decides here.
+        has_triton: False when the op has no Triton kernel (then ``auto`` on CUDA is torch, ``triton`` an error).
+        cpp_runs_torch: for a step of a composite op that has no C++ kernel of its own (the top-k chunk terms of the
+            fused lm-head loss): an explicit ``cpp`` runs its torch version instead of raising, so one ``backend``
+            argument can be passed to the whole op.
 
     Under torch.compile the choice is made once at trace time and baked into the graph as a constant.
     """
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend={backend!r} is not a string; expected one of {('auto',) + BACKENDS} or None")
     choice = (backend or requested_backend()).lower()
     if choice not in BACKENDS + ("auto",):
         raise ValueError(f"backend={choice!r} is not a backend; expected one of {('auto',) + BACKENDS}")
     on_cuda = device.type == "cuda"
     if choice == "auto":
         if on_cuda:
-            return "triton" if triton_available() else "torch"
+            return "triton" if has_triton and triton_available() else "torch"
         if cpp_op is not None and has_cpp_op(cpp_op):
             return "cpp"
         return "torch"
+    if choice == "cpp" and cpp_op is None and cpp_runs_torch:
+        if on_cuda:
+            raise RuntimeError(f"backend 'cpp' runs on CPU tensors, got tensors on {device}")
+        return "torch"
+    if choice == "triton" and not has_triton:
+        raise RuntimeError("backend 'triton' was requested but this op has no Triton kernel; use 'torch'")
     if choice == "triton":
         if not triton_available():
             raise RuntimeError("backend 'triton' was requested but triton is not installed")
@@ -115,11 +127,6 @@ def choose_backend(
             raise RuntimeError(
                 f"backend 'triton' cannot run tensors on {device} unless TRITON_INTERPRET=1 is set before import"
             )
-    elif choice == "cuda":
-        if not on_cuda:
-            raise RuntimeError(f"backend 'cuda' needs CUDA tensors, got tensors on {device}")
-        if cuda_op is None or not has_cpp_op(cuda_op) or not cuda_ext_available():
-            raise RuntimeError("backend 'cuda' was requested but fastdistill._C has no CUDA kernel for this op")
     elif choice == "cpp":
         if on_cuda:
             raise RuntimeError(f"backend 'cpp' runs on CPU tensors, got tensors on {device}")
@@ -132,6 +139,6 @@ def describe() -> str:
     """A one-line summary of what is available, for logs and benchmark rows."""
     ext = load_extension()
     parts = [f"torch {torch.__version__}"]
-    parts.append("_C: " + ("built" + (" +cuda" if cuda_ext_available() else "") if ext is not None else "missing"))
+    parts.append("_C: " + ("built" if ext is not None else "missing"))
     parts.append("triton: " + ("yes" if triton_available() else "no") + (" (interpret)" if triton_interpret() else ""))
     return ", ".join(parts)

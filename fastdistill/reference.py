@@ -11,9 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-# Order matters: the integer ids are part of the kernel ABI (Triton, C++ and CUDA use the same numbering).
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
-REDUCTIONS = ("none", "sum", "batchmean")
+from fastdistill.divergences import DIVERGENCES, REDUCTIONS, canonical_divergence
 
 
 def _safe_term(p: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -36,10 +34,8 @@ def divergence_rows(
     s = F.log_softmax(student_logits / temperature, dim=-1)
     t = F.log_softmax(teacher_logits / temperature, dim=-1)
     ps, pt = s.exp(), t.exp()
-    if divergence == "jsd" and beta == 0.0:
-        divergence = "forward_kl"  # TRL / Liger convention at the end points
-    elif divergence == "jsd" and beta == 1.0:
-        divergence = "reverse_kl"
+    if divergence in DIVERGENCES:
+        divergence = DIVERGENCES[canonical_divergence(divergence, beta)]  # the table's beta = 0 / 1 conventions
     if divergence in ("jsd", "skew_forward_kl", "skew_reverse_kl"):
         # entries masked in both models (-inf in both): keep log-mixtures finite so their gradient is 0, not NaN
         keep = (ps > 0) | (pt > 0)

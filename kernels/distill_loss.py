@@ -18,12 +18,12 @@ For any divergence D(ps) of the student probabilities, dD / dz_j = ps_j (a_j - s
     skew forward    a = -(1 - beta) pt / m,                     m = beta pt + (1 - beta) ps
     skew reverse    a = log ps - log m - beta ps / m,           m = beta ps + (1 - beta) pt
 
-The student gradient is grad_scale * loss_scale / T * dD / dz. Terms with zero probability contribute 0 (in value and
-gradient), so a vocabulary masked with -inf in both rows gives a finite loss and zero gradient there; the guards test
-``p == 0`` rather than ``p > 0`` so that NaN inputs still propagate to a NaN loss.
+The student gradient is grad_scale * soft_scale * loss_scale / T * dD / dz. Terms with zero probability contribute 0
+(in value and gradient), so a vocabulary masked with -inf in both rows gives a finite loss and zero gradient there;
+the guards test ``p == 0`` rather than ``p > 0`` so that NaN inputs still propagate to a NaN loss.
 
 Fused cross-entropy (HAS_CE, ``ce_rows_ptr`` given): ce = lse(s) - s[label] on the raw logits, and the passes that
-write the gradient add ce_coef (softmax(s) - onehot(label)) with ce_coef = grad_scale * ce_weight. At T == 1
+write the gradient add ce_coef (softmax(s) - onehot(label)) with ce_coef = grad_scale * ce_scale. At T == 1
 (CE_SHARED) softmax(s) is ps, whose max and sum-exp pass 1 already has; otherwise pass 1 also keeps the online max and
 sum-exp of the raw row (no extra pass).
 """
@@ -31,13 +31,15 @@ sum-exp of the raw row (no extra pass).
 import triton
 import triton.language as tl
 
-# Divergence ids: part of the kernel ABI, same order as fastdistill.reference.DIVERGENCES.
-FORWARD_KL = tl.constexpr(0)
-REVERSE_KL = tl.constexpr(1)
-JSD = tl.constexpr(2)
-TVD = tl.constexpr(3)
-SKEW_FORWARD_KL = tl.constexpr(4)
-SKEW_REVERSE_KL = tl.constexpr(5)
+from fastdistill.divergences import DIVERGENCE_ID, TWO_PASS_IDS
+
+# Divergence ids: from the one table (fastdistill/divergences.py), like the C++ kernels' generated header.
+FORWARD_KL = tl.constexpr(DIVERGENCE_ID["forward_kl"])
+REVERSE_KL = tl.constexpr(DIVERGENCE_ID["reverse_kl"])
+JSD = tl.constexpr(DIVERGENCE_ID["jsd"])
+TVD = tl.constexpr(DIVERGENCE_ID["tvd"])
+SKEW_FORWARD_KL = tl.constexpr(DIVERGENCE_ID["skew_forward_kl"])
+SKEW_REVERSE_KL = tl.constexpr(DIVERGENCE_ID["skew_reverse_kl"])
 
 
 @triton.jit
@@ -97,6 +99,9 @@ def _element_terms(b_ls, b_lt, beta, log_beta, log_1m_beta, DIVERGENCE: tl.const
         b_lm = _log_mix(b_ls, b_lt, log_beta, log_1m_beta)
         b_d = tl.where(b_ps == 0, 0.0, b_ps * (b_ls - b_lm))
         b_a = b_ls - b_lm - beta * tl.exp(b_ls - b_lm)
+        # beta = 1 (the table's "zero"): m = ps, a is the constant -1, whose gradient ps (a - sum ps a) is exactly 0
+        # only if written as 0 (sum ps rounds)
+        b_a = tl.where(log_1m_beta == float("-inf"), 0.0, b_a)
     return b_ps, b_d, b_a
 
 
@@ -112,7 +117,7 @@ def _add_ce_grad(b_g, b_x, b_mc, log_sc, o_col, label, ce_coef):
     {
         "HAS_LABELS": lambda args: args["labels_ptr"] is not None,
         "NEED_GRAD": lambda args: args["grad_ptr"] is not None,
-        "TWO_PASS": lambda args: args["DIVERGENCE"] in (0, 1),
+        "TWO_PASS": lambda args: args["DIVERGENCE"] in TWO_PASS_IDS,
         "HAS_CE": lambda args: args["ce_rows_ptr"] is not None,
         "CE_SHARED": lambda args: args["inv_temperature"] == 1.0,
     }
@@ -136,7 +141,8 @@ def distill_loss_rows_kernel(
     log_1m_beta,
     loss_scale,
     ignore_index,
-    ce_weight,
+    soft_scale,
+    ce_scale,
     DIVERGENCE: tl.constexpr,
     BLOCK_V: tl.constexpr,
     HAS_LABELS: tl.constexpr,
@@ -205,7 +211,7 @@ def distill_loss_rows_kernel(
             b_zl = tl.load(p_s + label).to(tl.float32)
             tl.store(ce_rows_ptr + i_n, -((b_zl - b_mc) - log_sc))
             if NEED_GRAD:
-                ce_coef = tl.load(grad_scale_ptr).to(tl.float32) * ce_weight
+                ce_coef = tl.load(grad_scale_ptr).to(tl.float32) * ce_scale
 
         if TWO_PASS:
             if DIVERGENCE == FORWARD_KL:
@@ -215,7 +221,7 @@ def distill_loss_rows_kernel(
             tl.store(loss_ptr + i_n, loss_scale * b_loss)
             if NEED_GRAD:
                 # ---- pass 2 (tail to head): grad = coef (ps - pt) (forward), coef ps (log ps - log pt - D) (reverse)
-                b_coef = tl.load(grad_scale_ptr).to(tl.float32) * loss_scale * inv_temperature
+                b_coef = tl.load(grad_scale_ptr).to(tl.float32) * soft_scale * loss_scale * inv_temperature
                 for i_v in range(0, n_tiles):
                     v0 = (n_tiles - 1 - i_v) * BLOCK_V
                     m_v, b_z, b_y = _load_tiles(p_s, p_t, v0, o_v, V, inv_temperature, "evict_first")
@@ -256,7 +262,7 @@ def distill_loss_rows_kernel(
             tl.store(loss_ptr + i_n, loss_scale * b_loss)
             if NEED_GRAD:
                 # ---- pass 3 (head to tail): grad = coef * ps (a - c)
-                b_coef = tl.load(grad_scale_ptr).to(tl.float32) * loss_scale * inv_temperature
+                b_coef = tl.load(grad_scale_ptr).to(tl.float32) * soft_scale * loss_scale * inv_temperature
                 for v0 in range(0, V, BLOCK_V):
                     m_v, b_z, b_y = _load_tiles(p_s, p_t, v0, o_v, V, inv_temperature, "evict_first")
                     b_ps, b_d, b_a = _element_terms(

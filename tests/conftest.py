@@ -32,8 +32,8 @@ def device():
 
 
 def available_backends(device: torch.device = DEVICE, *, cpp_op: str | None = None, cuda_op: str | None = None):
-    """Backends that can run ``cpp_op`` / ``cuda_op`` on ``device`` here (torch always; triton on CUDA or in the
-    interpreter; cpp / cuda where the extension is built)."""
+    """Backends that can run ``cpp_op`` on ``device`` here (torch always; triton on CUDA or in the interpreter; cpp
+    where the extension is built). ``cuda_op`` is accepted and ignored: there is no CUDA C++ backend any more."""
     from fastdistill import _backend
 
     out = ["torch"]
@@ -41,6 +41,4 @@ def available_backends(device: torch.device = DEVICE, *, cpp_op: str | None = No
         out.append("triton")
     if device.type == "cpu" and cpp_op and _backend.has_cpp_op(cpp_op):
         out.append("cpp")
-    if device.type == "cuda" and cuda_op and _backend.has_cpp_op(cuda_op) and _backend.cuda_ext_available():
-        out.append("cuda")
     return out

@@ -1,11 +1,9 @@
-"""The compiled extension fastdistill._C: it imports, registers its ops next to the Python custom ops of the same
-namespace, and its CUDA sources compile with this machine's nvcc (compile-only: no GPU or CUDA torch needed)."""
+"""The compiled extension fastdistill._C: it imports and registers its ops next to the Python custom ops of the same
+namespace."""
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
 import subprocess
 import sys
 
@@ -15,7 +13,6 @@ import torch
 from fastdistill import _backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CUDA_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cu")))
 
 needs_ext = pytest.mark.skipif(
     _backend.load_extension() is None,
@@ -28,16 +25,14 @@ needs_ext = pytest.mark.skipif(
 def test_extension_imports_and_registers_ops():
     import fastdistill._C as ext
 
-    assert isinstance(ext.WITH_CUDA, bool)
     assert ext.cpu_capability() in ("avx2", "default")
     for name in ("distill_loss_rows", "kl_div_rows"):
         assert _backend.has_cpp_op(name), name
         op = getattr(torch.ops.fastdistill, name).default
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CPU"), name
     schema = str(torch.ops.fastdistill.distill_loss_rows.default._schema)
-    assert "Tensor? labels" in schema and "bool need_grad" in schema and "float ce_weight=0." in schema
-    if ext.WITH_CUDA:
-        assert torch._C._dispatch_has_kernel_for_dispatch_key("fastdistill::distill_loss_rows", "CUDA")
+    assert "Tensor? labels" in schema and "bool need_grad" in schema
+    assert "float ce_scale=0." in schema and "float soft_scale=1." in schema
 
 
 @needs_ext
@@ -84,39 +79,3 @@ def test_fake_impls_registered():
         assert ce.shape == (4,) and ce.dtype == torch.float32
         rows, grad = torch.ops.fastdistill.kl_div_rows(s, t, torch.ones(1), False, False)
         assert rows.shape == (4,) and grad.numel() == 0
-
-
-def _nvcc_command(src: str, obj: str) -> list[str]:
-    from torch.utils.cpp_extension import include_paths
-
-    cmd = [
-        shutil.which("nvcc"),
-        "-std=c++20",
-        "-O3",
-        "--use_fast_math",
-        "--expt-relaxed-constexpr",
-        "-DWITH_CUDA",
-        # a CPU build of torch ships c10/cuda headers but not the generated c10/cuda/impl/cuda_cmake_macros.h
-        "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
-        "-Xcompiler",
-        "-fPIC",
-        "-c",
-        src,
-        "-o",
-        obj,
-    ]
-    for path in include_paths():
-        cmd.insert(1, f"-I{path}")
-    return cmd
-
-
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
-@pytest.mark.skipif(not CUDA_SOURCES, reason="no csrc/*.cu sources")
-def test_nvcc_compile_check(tmp_path):
-    """Every csrc/*.cu compiles to an object file with this machine's nvcc against torch's headers."""
-    for src in CUDA_SOURCES:
-        obj = tmp_path / (os.path.basename(src) + ".o")
-        out = subprocess.run(_nvcc_command(src, str(obj)), capture_output=True, text=True)
-        errors = [line for line in (out.stdout + out.stderr).splitlines() if "error" in line]
-        assert out.returncode == 0, f"nvcc failed on {src}:\n" + "\n".join(errors[:40] or [out.stderr[-4000:]])
-        assert obj.stat().st_size > 0

@@ -323,7 +323,7 @@ def test_bad_backend_environment_variable(monkeypatch):
 
 def test_environment_variable_forces_backend(monkeypatch):
     monkeypatch.setenv("FASTDISTILL_BACKEND", "torch")
-    assert op.resolve_backend(DEVICE, 0) == "torch"
+    assert op.resolve_backend(DEVICE) == "torch"
 
 
 # --------------------------------------------------------------------------------------- compile and opcheck

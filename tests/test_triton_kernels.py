@@ -397,7 +397,7 @@ for div, has_labels, need_grad, has_ce, ce_shared in (
 ):
     sig = {"student_ptr": "*bf16", "teacher_ptr": "*bf16", "stride_s": "i64", "stride_t": "i64", "V": "i32",
            "inv_temperature": "fp32", "beta": "fp32", "log_beta": "fp32", "log_1m_beta": "fp32", "loss_scale": "fp32",
-           "ignore_index": "i32", "ce_weight": "fp32", **common}
+           "ignore_index": "i32", "soft_scale": "fp32", "ce_scale": "fp32", **common}
     consts = {"DIVERGENCE": div, "BLOCK_V": 4096, "HAS_LABELS": has_labels, "NEED_GRAD": need_grad,
               "TWO_PASS": div in (0, 1), "HAS_CE": has_ce, "CE_SHARED": ce_shared}
     if has_ce:
@@ -531,7 +531,7 @@ def test_fused_ce_term_torch_fallback(backend, temperature):
         1.0,
         True,
         backend,
-        ce_weight=2.0,
+        ce_scale=2.0,
     )
     ref_rows, ref_ce, ref_grad = _ce_reference(s, t, labels, "jsd", temperature, 1.0, 0.5, 2.0)
     _close(rows, ref_rows)

@@ -6,11 +6,11 @@ import math
 
 import torch
 
-from fastdistill import _backend
+from fastdistill.divergences import DIVERGENCES, REDUCTIONS
+from fastdistill.functional._autocast import autocast_dtype
 from fastdistill.functional._checks import FLOAT_DTYPES, check_choice, check_frozen, check_range, check_tensor
 from fastdistill.ops import distill_loss as _dl
 from fastdistill.ops import fused_linear_distill as _op
-from fastdistill.reference import DIVERGENCES, REDUCTIONS
 
 INDEX_DTYPES = (torch.int64, torch.int32)
 
@@ -121,7 +121,15 @@ def fused_linear_distill_loss(
         scale_by_t2: multiply the divergence by T^2 (Hinton).
         accum_fp32: accumulate the weight gradient in float32 across chunks for low-precision weights (costs a
             float32 [Vs, Hs] buffer; by default it accumulates in the weight dtype).
-        backend: ``triton`` / ``cuda`` / ``cpp`` / ``torch`` for the row kernels (default: the best available).
+        backend: ``triton`` / ``cpp`` / ``torch`` for the chunk terms (default: ``FASTDISTILL_BACKEND`` or the best
+            available); the top-k terms have no C++ kernel, so ``cpp`` runs their torch version.
+
+    Autocast: under ``torch.autocast(device_type, dtype)`` enabled for the inputs' device, every matmul (student and
+    teacher logits, and the gradient matmuls dX = dlogits W, dW = dlogits^T X) runs in the autocast dtype, as
+    ``F.linear`` would, whatever the dtypes of the hidden states and weights (they may then differ); the row kernels
+    read those logits and do their math in float32 (as autocast runs torch's own losses); the loss is float32 and
+    each gradient comes back in its input's dtype (the weight's is accumulated in float32 for a float32 weight).
+    Outside autocast, every matmul runs in ``student_hidden``'s dtype.
 
     Shape:
         output ``[]`` (``[N]`` or ``[B, T]`` for ``none``); with ``return_parts`` a tuple ``(loss, ce, divergence)``.
@@ -139,7 +147,10 @@ def fused_linear_distill_loss(
     lead_shape = student_hidden.shape[:-1]
     Hs = student_hidden.shape[-1]
     _check_matrix("student_weight", student_weight, "Vs", Hs, "Hs")
-    if student_weight.device != student_hidden.device or student_weight.dtype != student_hidden.dtype:
+    compute_dtype = autocast_dtype(student_hidden.device)  # under autocast the matmuls cast, as F.linear's do
+    if student_weight.device != student_hidden.device or (
+        compute_dtype is None and student_weight.dtype != student_hidden.dtype
+    ):
         raise ValueError(
             f"student_weight is {student_weight.dtype} on {student_weight.device} but student_hidden is "
             f"{student_hidden.dtype} on {student_hidden.device}; expected the same dtype and device"
@@ -191,7 +202,7 @@ def fused_linear_distill_loss(
         for name, t in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
             if t.device != device:
                 raise ValueError(f"{name} is on {t.device} but student_hidden is on {device}; expected the same device")
-        if teacher_weight.dtype != teacher_hidden.dtype:
+        if compute_dtype is None and teacher_weight.dtype != teacher_hidden.dtype:
             raise ValueError(
                 f"teacher_weight has dtype {teacher_weight.dtype} but teacher_hidden has dtype {teacher_hidden.dtype}; "
                 "expected the same dtype"
@@ -264,7 +275,7 @@ def fused_linear_distill_loss(
     need_w = grad_on and student_weight.requires_grad
     need_b = grad_on and student_bias is not None and student_bias.requires_grad
     x = student_hidden.reshape(N, Hs)
-    resolved = backend if backend is not None else _backend.requested_backend()
+    resolved = _op.resolve_backend(device, teacher_topk is not None, backend)
     loss, ce, soft, _, _, _ = _op.fused_linear_distill_op(
         x,
         student_weight,
@@ -291,6 +302,7 @@ def fused_linear_distill_loss(
         need_w,
         need_b,
         resolved,
+        compute_dtype,
     )
     if reduction == "none":
         loss, ce, soft = (t.reshape(lead_shape) for t in (loss, ce, soft))

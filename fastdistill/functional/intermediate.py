@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 import torch
 
+from fastdistill.divergences import REDUCTIONS
+from fastdistill.functional._autocast import autocast_dtype, float32_pair, no_autocast
 from fastdistill.functional._checks import check_choice, check_frozen, check_tensor
 from fastdistill.ops import affinity as _aff
 from fastdistill.ops import attention_distill as _att
@@ -110,6 +112,10 @@ def attention_distill_loss(
     """
     names = ("student_q", "student_k", "teacher_q", "teacher_k")
     tensors = (student_q, student_k, teacher_q, teacher_k)
+    if len({x.dtype for x in tensors if isinstance(x, torch.Tensor)}) > 1 and autocast_dtype(student_q.device):
+        # autocast: mixed dtypes are cast to float32, as torch does for its losses (see functional/_autocast.py)
+        student_q, student_k, teacher_q, teacher_k = (x.float() for x in tensors)
+        tensors = (student_q, student_k, teacher_q, teacher_k)
     for name, x in zip(names, tensors):
         check_tensor(name, x, min_dim=4)
         if x.dim() != 4:
@@ -137,7 +143,7 @@ def attention_distill_loss(
         raise ValueError(f"empty input: student_q {tuple(student_q.shape)}, teacher_q {tuple(teacher_q.shape)}")
     check_frozen("teacher_q", teacher_q)
     check_frozen("teacher_k", teacher_k)
-    check_choice("reduction", reduction, _att.REDUCTIONS)
+    check_choice("reduction", reduction, REDUCTIONS)
     _check_mask("attention_mask", attention_mask, (B, L), student_q.device, "[B, L], 1 = keep")
     if relation_heads is not None:
         if not isinstance(relation_heads, int) or isinstance(relation_heads, bool) or relation_heads < 1:
@@ -157,19 +163,20 @@ def attention_distill_loss(
     ss, st = _resolve_scale(scale, Ds, Dt)
     resolved = _att.resolve_backend(student_q.device, backend)
     need_grad = torch.is_grad_enabled() and (student_q.requires_grad or student_k.requires_grad)
-    loss, _, _ = _att.attention_distill_op(
-        student_q,
-        student_k,
-        teacher_q,
-        teacher_k,
-        attention_mask,
-        bool(causal),
-        ss,
-        st,
-        _att.REDUCTION_ID[reduction],
-        need_grad,
-        resolved,
-    )
+    with no_autocast(student_q.device):  # the op computes in its own dtype (see functional/_autocast.py)
+        loss, _, _ = _att.attention_distill_op(
+            student_q,
+            student_k,
+            teacher_q,
+            teacher_k,
+            attention_mask,
+            bool(causal),
+            ss,
+            st,
+            _att.REDUCTION_ID[reduction],
+            need_grad,
+            resolved,
+        )
     return loss
 
 
@@ -209,6 +216,7 @@ def affinity_distill_loss(
     """
     check_tensor("student_feat", student_feat, min_dim=3)
     check_tensor("teacher_feat", teacher_feat, min_dim=3)
+    student_feat, teacher_feat = float32_pair(student_feat, teacher_feat)  # autocast policy: functional/_autocast.py
     for name, x in (("student_feat", student_feat), ("teacher_feat", teacher_feat)):
         if x.dim() != 3:
             raise ValueError(f"{name} has shape {tuple(x.shape)}; expected 3 dimensions [B, L, d]")
@@ -226,6 +234,12 @@ def affinity_distill_loss(
     check_choice("method", method, _aff.METHODS)
     B, L, ds = student_feat.shape
     _check_mask("mask", mask, (B, L), student_feat.device, "[B, L], 1 = keep")
+    with no_autocast(student_feat.device):  # a loss: its own dtypes (see functional/_autocast.py)
+        return _affinity(student_feat, teacher_feat, mask, method)
+
+
+def _affinity(student_feat, teacher_feat, mask, method):
+    B, L, ds = student_feat.shape
     cdt = _att.compute_dtype(student_feat.dtype)
     ns = torch.nn.functional.normalize(student_feat.to(cdt), dim=-1)
     nt = torch.nn.functional.normalize(teacher_feat.to(cdt), dim=-1)
@@ -309,6 +323,8 @@ def hint_loss(
             f"{tuple(teacher_feat.shape)}; pass projection= mapping width {student_feat.shape[-1]} to "
             f"{teacher_feat.shape[-1]}"
         )
+    if autocast_dtype(s.device) is not None:  # a loss: float32 under autocast, as torch's mse_loss / cosine loss
+        s = s.float()
     t = teacher_feat.to(s.dtype)
     if kind == "mse":
         per = (s - t).square().mean(-1)

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from fastdistill.divergences import DIVERGENCES, REDUCTIONS
+from fastdistill.functional._autocast import autocast_dtype, float32_pair
 from fastdistill.functional._checks import (
     check_choice,
     check_frozen,
@@ -16,7 +18,6 @@ from fastdistill.functional._checks import (
 )
 from fastdistill.ops import distill_loss as _op
 from fastdistill.ops import kl_div as _kl_op
-from fastdistill.reference import DIVERGENCES, REDUCTIONS
 
 
 def distill_loss(
@@ -54,7 +55,9 @@ def distill_loss(
 
     The gradient w.r.t. ``student_logits`` is computed inside the forward kernel (one pass for the loss and gradient,
     nothing of size [N, V] kept but the gradient itself); backward only scales it by ``grad_output``. The teacher gets
-    no gradient. Math is in float32 whatever the input dtype.
+    no gradient. Math is in float32 whatever the input dtype, and the loss is float32. Under ``torch.autocast`` it
+    behaves as torch's own losses (which autocast runs in float32): logits of two different dtypes are both cast to
+    float32 first; a same-dtype pair is read as it is (the kernels convert on load, which is the same thing).
 
     Args:
         student_logits: student logits, float32 / bfloat16 / float16.
@@ -67,7 +70,7 @@ def distill_loss(
         reduction: ``batchmean`` (sum over valid rows / number of valid rows in the whole input; 0 when none are
             valid), ``sum``, or ``none`` (per row, shape ``[...]``, 0 for ignored rows).
         scale_by_t2: multiply the loss by T^2.
-        backend: force ``triton`` / ``cuda`` / ``cpp`` / ``torch`` for this call (default: ``FASTDISTILL_BACKEND`` or
+        backend: force ``triton`` / ``cpp`` / ``torch`` for this call (default: ``FASTDISTILL_BACKEND`` or
             the best available for the device).
 
     Shape:
@@ -82,6 +85,7 @@ def distill_loss(
     """
     check_tensor("student_logits", student_logits)
     check_tensor("teacher_logits", teacher_logits)
+    student_logits, teacher_logits = float32_pair(student_logits, teacher_logits)  # autocast: see _autocast.py
     check_same("student_logits", student_logits, "teacher_logits", teacher_logits)
     check_frozen("teacher_logits", teacher_logits)
     check_choice("divergence", divergence, DIVERGENCES)
@@ -95,7 +99,7 @@ def distill_loss(
     if labels is not None:
         labels = labels.reshape(-1).long()
     div_id = _op.DIVERGENCE_ID[divergence]
-    resolved = _op.resolve_backend(student_logits.device, _op.canonical_divergence(div_id, float(beta)), backend)
+    resolved = _op.resolve_backend(student_logits.device, backend)
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
     loss, _ = _op.distill_loss_op(
         student_logits,
@@ -131,6 +135,8 @@ def kl_div(
     fused paths return NaN (``0 * -inf``); everywhere else values and gradients agree.
     Reductions: ``mean`` (over all elements), ``batchmean`` (sum / ``input.size(0)``), ``sum``, ``none``.
 
+    Under ``torch.autocast`` it runs in float32 (both inputs cast first), as torch runs ``kl_div`` there.
+
     For ``mean`` / ``batchmean`` / ``sum`` the loss and the gradient w.r.t. ``input`` come from one fused pass and
     backward only scales the saved gradient. ``reduction="none"`` (whose output is itself [N, V]) and a ``target``
     that requires grad run the plain torch implementation, so semantics stay identical.
@@ -145,6 +151,9 @@ def kl_div(
     """
     check_tensor("input", input, min_dim=0)
     check_tensor("target", target, min_dim=0)
+    autocast = autocast_dtype(input.device) is not None
+    if autocast:  # torch runs kl_div in float32 under autocast (see _autocast.py)
+        input, target = input.float(), target.float()
     check_same("input", input, "target", target)
     check_choice("reduction", reduction, _kl_op.REDUCTIONS)
     return _kl_op.kl_div(input, target, reduction, bool(log_target), backend)

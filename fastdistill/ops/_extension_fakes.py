@@ -23,11 +23,12 @@ def _distill_loss_rows_fake(
     ignore_index,
     loss_scale,
     need_grad,
-    ce_weight=0.0,
+    ce_scale=0.0,
+    soft_scale=1.0,
 ):
     rows = student.new_empty((student.shape[0],), dtype=torch.float32)
     grad = student.new_empty(student.shape) if need_grad else student.new_empty((0,))
-    ce_rows = student.new_empty((student.shape[0],) if ce_weight != 0 else (0,), dtype=torch.float32)
+    ce_rows = student.new_empty((student.shape[0],) if ce_scale != 0 else (0,), dtype=torch.float32)
     return rows, grad, ce_rows
 
 

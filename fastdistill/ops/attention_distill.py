@@ -30,9 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from fastdistill import _backend
+from fastdistill.divergences import REDUCTION_ID
 
-REDUCTIONS = ("batchmean", "sum", "none")
-REDUCTION_ID = {name: i for i, name in enumerate(REDUCTIONS)}
 # elements of one [rows, L] score block of the torch path (a few such fp32 blocks live at once: ~8 MiB each)
 TORCH_BLOCK_ELEMENTS = 1 << 21
 # CPU: split the batch-heads over torch.get_num_threads() Python threads running single-threaded ops (see _tiled_torch)

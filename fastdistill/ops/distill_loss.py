@@ -1,24 +1,26 @@
 """The logit-distillation loss op: one row kernel contract, three backends, one torch.library custom op.
 
-Row kernel contract (shared by the Triton launcher, the C++/CUDA op ``fastdistill::distill_loss_rows`` and the torch
-fallback), for ``student`` and ``teacher`` of shape [N, V] (last dim contiguous, any row stride, same dtype):
+Row kernel contract (shared by the Triton launcher, the C++ op ``fastdistill::distill_loss_rows`` and the torch
+fallback), for ``student`` and ``teacher`` of shape [N, V] (last dim contiguous, any row stride, same dtype), with both
+terms explicit:
 
-    loss_rows[i] = loss_scale * D(softmax(teacher[i] / T), softmax(student[i] / T))     float32 [N]
-    grad[i, :]   = grad_scale * d loss_rows[i] / d student[i, :]                       student dtype [N, V]
+    loss_rows[i] = loss_scale * D(softmax(teacher[i] / T), softmax(student[i] / T))         float32 [N]
+    ce_rows[i]   = lse(student[i]) - student[i, labels[i]]             (when ce_scale != 0)  float32 [N]
+    grad[i, :]   = grad_scale * (soft_scale * d loss_rows[i] / d student[i, :]
+                                 + ce_scale * (softmax(student[i]) - onehot(labels[i])))   student dtype [N, V]
 
-rows whose label equals ``ignore_index`` get loss 0 and gradient 0; ``grad_scale`` is a float32 tensor of one element
-(on the device, so batchmean's 1 / n_valid needs no host sync); when ``need_grad`` is False, ``grad`` is an empty
-tensor and no [N, V] memory is written.
+``divergence`` is an id of ``fastdistill.divergences`` (its beta = 0 / 1 conventions applied by every backend); rows
+whose label equals ``ignore_index`` get loss 0, ce 0 and gradient 0; ``grad_scale`` is a float32 tensor of one element
+(on the device, so batchmean's 1 / n_valid needs no host sync); ``soft_scale`` and ``ce_scale`` are the weights of
+the two terms' gradients (any finite values, 0 included: ``soft_scale=0`` gives the CE gradient alone). The hard term
+is at temperature 1 (raw logits, no T and no loss_scale); it needs ``labels`` (non-ignored ones in [0, V)); when
+T == 1 the student's log-sum-exp is shared with the divergence (no extra exp), otherwise pass 1 keeps one more online
+sum, exp(student - max). With ``ce_scale`` == 0 ``ce_rows`` is an empty tensor; when ``need_grad`` is False, ``grad``
+is an empty tensor and no [N, V] memory is written. Every backend returns (loss_rows, grad, ce_rows).
 
-Optional hard (cross-entropy) term, fused into the same passes over the row: with ``ce_weight`` > 0 (``labels``
-required; a non-ignored label must lie in [0, V)) the kernel also returns
-
-    ce_rows[i] = lse(student[i]) - student[i, labels[i]]                                 float32 [N]
-    grad[i, :] += grad_scale * ce_weight * (softmax(student[i]) - onehot(labels[i]))
-
-at temperature 1 (raw logits, no T and no loss_scale); ignored rows get ce 0. When T == 1 the student's log-sum-exp
-is shared with the divergence (no extra exp); otherwise pass 1 keeps one more online sum, exp(student - max). With
-``ce_weight`` == 0 nothing changes and ``ce_rows`` is an empty tensor. Every backend returns (loss_rows, grad, ce_rows).
+Row sums (log-sum-exps, the loss, sum_k ps_k a_k) accumulate blockwise (C++: vector lanes per block of 2048 entries,
+folded into double; Triton: per-lane accumulators across tiles, reduced pairwise at the end), so their fp32 error does
+not grow with V (benchmarks/bench_precision.py).
 """
 
 from __future__ import annotations
@@ -28,27 +30,16 @@ import math
 import torch
 
 from fastdistill import _backend
+from fastdistill.divergences import DIVERGENCE_ID, DIVERGENCES, REDUCTION_ID, canonical_divergence
 from fastdistill.ops._autograd import is_exactly_one
-from fastdistill.reference import DIVERGENCES, REDUCTIONS, divergence_rows
+from fastdistill.reference import divergence_rows
 
-DIVERGENCE_ID = {name: i for i, name in enumerate(DIVERGENCES)}
-REDUCTION_ID = {name: i for i, name in enumerate(REDUCTIONS)}
-CUDA_DIVERGENCES = (DIVERGENCE_ID["forward_kl"],)  # divergences the CUDA C++ kernel implements
+__all__ = ["DIVERGENCE_ID", "REDUCTION_ID", "canonical_divergence", "distill_loss_rows", "resolve_backend"]
 
 
-def canonical_divergence(divergence: int, beta: float) -> int:
-    """Generalized JSD at beta = 0 / 1 is forward / reverse KL (TRL / Liger convention); kernels see the KL id."""
-    if divergence == DIVERGENCE_ID["jsd"] and beta == 0.0:
-        return DIVERGENCE_ID["forward_kl"]
-    if divergence == DIVERGENCE_ID["jsd"] and beta == 1.0:
-        return DIVERGENCE_ID["reverse_kl"]
-    return divergence
-
-
-def resolve_backend(device: torch.device, divergence: int, backend: str | None = None, with_ce: bool = False) -> str:
-    # the CUDA C++ kernel has no fused CE term (it rejects ce_weight != 0): route those calls elsewhere
-    cuda_op = "distill_loss_rows" if divergence in CUDA_DIVERGENCES and not with_ce else None
-    return _backend.choose_backend(device, cpp_op="distill_loss_rows", cuda_op=cuda_op, backend=backend)
+def resolve_backend(device: torch.device, backend: str | None = None) -> str:
+    """The backend of the dense row kernel for tensors on ``device`` (see ``fastdistill._backend.choose_backend``)."""
+    return _backend.choose_backend(device, cpp_op="distill_loss_rows", backend=backend)
 
 
 def _student_grad_torch(s: torch.Tensor, t: torch.Tensor, divergence: int, beta: float) -> torch.Tensor:
@@ -78,6 +69,8 @@ def _student_grad_torch(s: torch.Tensor, t: torch.Tensor, divergence: int, beta:
             log_m = t_ if beta == 0.0 else torch.logaddexp(t_ + math.log(beta), s_ + math.log1p(-beta))
             a = -(1 - beta) * torch.exp(t_ - log_m) * (pt > 0)
         else:  # skew_reverse_kl: m = beta p_s + (1 - beta) p_t
+            if beta == 1.0:  # the table's "zero": exactly, not sum(ps) - 1 rounded
+                return zero
             log_m = (
                 s_
                 if beta == 1.0
@@ -88,11 +81,13 @@ def _student_grad_torch(s: torch.Tensor, t: torch.Tensor, divergence: int, beta:
     return ps * (a - (ps * a).sum(-1, keepdim=True))
 
 
-def _check_ce(labels: torch.Tensor | None, ce_weight: float) -> None:
-    if ce_weight < 0 or ce_weight != ce_weight:
-        raise ValueError(f"ce_weight must be >= 0, got {ce_weight}")
-    if ce_weight != 0 and labels is None:
-        raise ValueError("ce_weight > 0 needs labels (the cross-entropy targets), got labels=None")
+def check_scales(labels: torch.Tensor | None, soft_scale: float, ce_scale: float) -> None:
+    """The row contract's scalar checks on the term scales (shared by the Triton launcher and the torch fallback)."""
+    for name, value in (("soft_scale", soft_scale), ("ce_scale", ce_scale)):
+        if not math.isfinite(value):
+            raise ValueError(f"{name}={value} is not finite; expected a finite value")
+    if ce_scale != 0 and labels is None:
+        raise ValueError(f"ce_scale={ce_scale} needs labels (the cross-entropy targets), got labels=None")
 
 
 def _rows_torch(
@@ -106,10 +101,11 @@ def _rows_torch(
     ignore_index,
     loss_scale,
     need_grad,
-    ce_weight=0.0,
+    ce_scale=0.0,
+    soft_scale=1.0,
 ):
     """Torch fallback of the row contract: loss from the reference, gradient in closed form (fp32 temporaries)."""
-    _check_ce(labels, ce_weight)
+    check_scales(labels, soft_scale, ce_scale)
     s = torch.log_softmax(student.float() / temperature, dim=-1)
     t = torch.log_softmax(teacher.float() / temperature, dim=-1)
     rows = divergence_rows(student.float(), teacher.float(), DIVERGENCES[divergence], beta, temperature) * loss_scale
@@ -117,16 +113,16 @@ def _rows_torch(
     if valid is not None:
         rows = torch.where(valid, rows, torch.zeros_like(rows))
     ce_rows = rows.new_empty(0)
-    if ce_weight != 0:
+    if ce_scale != 0:
         log_p1 = s if temperature == 1.0 else torch.log_softmax(student.float(), dim=-1)
         target = torch.where(valid, labels, torch.zeros_like(labels))[:, None].long()
         ce_rows = torch.where(valid, -log_p1.gather(1, target).squeeze(1), torch.zeros_like(rows))
     if not need_grad:
         return rows, student.new_empty(0), ce_rows
-    grad = _student_grad_torch(s, t, divergence, beta) * (grad_scale * (loss_scale / temperature))
-    if ce_weight != 0:
+    grad = _student_grad_torch(s, t, divergence, beta) * (grad_scale * (soft_scale * loss_scale / temperature))
+    if ce_scale != 0:
         ce_grad = log_p1.exp().scatter_add_(1, target, torch.full_like(target, -1.0, dtype=torch.float32))
-        grad = grad + ce_grad * (grad_scale * ce_weight)
+        grad = grad + ce_grad * (grad_scale * ce_scale)
     if valid is not None:
         grad = torch.where(valid[:, None], grad, torch.zeros_like(grad))
     return rows, grad.to(student.dtype), ce_rows
@@ -144,11 +140,12 @@ def distill_loss_rows(
     loss_scale: float,
     need_grad: bool,
     backend: str,
-    ce_weight: float = 0.0,
+    ce_scale: float = 0.0,
+    soft_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the row kernel on an already-resolved ``backend`` (see the module docstring for the contract).
 
-    Returns (loss_rows, grad, ce_rows); ``ce_rows`` is empty when ``ce_weight`` is 0.
+    Returns (loss_rows, grad, ce_rows); ``ce_rows`` is empty when ``ce_scale`` is 0.
     """
     divergence = canonical_divergence(divergence, beta)
     args = (
@@ -162,13 +159,14 @@ def distill_loss_rows(
         ignore_index,
         loss_scale,
         need_grad,
-        float(ce_weight),
+        float(ce_scale),
+        float(soft_scale),
     )
     if backend == "triton":
         from fastdistill.ops.distill_loss_triton import distill_loss_rows_triton
 
         return distill_loss_rows_triton(*args)
-    if backend in ("cpp", "cuda"):
+    if backend == "cpp":
         return torch.ops.fastdistill.distill_loss_rows(*args)
     return _rows_torch(*args)
 

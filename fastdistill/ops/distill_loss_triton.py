@@ -9,6 +9,7 @@ import torch
 import triton
 
 from fastdistill.kernels.distill_loss import distill_loss_rows_kernel
+from fastdistill.ops.distill_loss import check_scales
 
 # In the interpreter every tile op is a numpy call: small tiles keep multi-tile code paths exercised on CPU shapes.
 _INTERPRET_MAX_BLOCK_V = 1024
@@ -54,12 +55,13 @@ def distill_loss_rows_triton(
     ignore_index: int,
     loss_scale: float,
     need_grad: bool,
-    ce_weight: float = 0.0,
+    ce_scale: float = 0.0,
+    soft_scale: float = 1.0,
     *,
     block_v: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row loss (float32 [N]), when ``need_grad`` the scaled student gradient ([N, V], student dtype), and the
-    per-row cross-entropy (float32 [N]; empty when ``ce_weight`` is 0).
+    per-row cross-entropy (float32 [N]; empty when ``ce_scale`` is 0).
 
     ``divergence`` is a canonical id (JSD only for 0 < beta < 1); see the row contract for the maths.
 
@@ -69,8 +71,9 @@ def distill_loss_rows_triton(
         grad_scale: float32 tensor of one element on the device, read by the kernel (no host sync).
         divergence / beta / temperature / loss_scale: see ``fastdistill.ops.distill_loss``.
         need_grad: when False, no [N, V] memory is written and an empty gradient is returned.
-        ce_weight: > 0 fuses the hard term: ce_rows = lse(student) - student[label] (T = 1) and
-            grad_scale * ce_weight * (softmax(student) - onehot(label)) added to the gradient; needs ``labels``.
+        ce_scale: != 0 fuses the hard term: ce_rows = lse(student) - student[label] (T = 1) and
+            grad_scale * ce_scale * (softmax(student) - onehot(label)) added to the gradient; needs ``labels``.
+        soft_scale: weight of the divergence's gradient (grad_scale * soft_scale * d loss_rows / d student).
         block_v: tile width override (tests use it to force several tiles per row).
 
     Example::
@@ -79,14 +82,11 @@ def distill_loss_rows_triton(
         ...                                       True)
     """
     _check(student, teacher, labels, grad_scale)
-    if ce_weight < 0 or ce_weight != ce_weight:
-        raise ValueError(f"ce_weight must be >= 0, got {ce_weight}")
-    if ce_weight != 0 and labels is None:
-        raise ValueError("ce_weight > 0 needs labels (the cross-entropy targets), got labels=None")
+    check_scales(labels, soft_scale, ce_scale)
     N, V = student.shape
     loss_rows = torch.empty(N, dtype=torch.float32, device=student.device)
     grad = torch.empty((N, V), dtype=student.dtype, device=student.device) if need_grad else student.new_empty(0)
-    ce_rows = torch.empty(N if ce_weight != 0 else 0, dtype=torch.float32, device=student.device)
+    ce_rows = torch.empty(N if ce_scale != 0 else 0, dtype=torch.float32, device=student.device)
     if N == 0 or V == 0:
         return loss_rows.zero_(), grad, ce_rows.zero_()
     if labels is not None:
@@ -104,7 +104,7 @@ def distill_loss_rows_triton(
             grad_scale,
             loss_rows,
             grad if need_grad else None,
-            ce_rows if ce_weight != 0 else None,
+            ce_rows if ce_scale != 0 else None,
             student.stride(0),
             teacher.stride(0),
             V,  # the gradient is allocated contiguous
@@ -115,7 +115,8 @@ def distill_loss_rows_triton(
             log_1m_beta,
             float(loss_scale),
             int(ignore_index),
-            float(ce_weight),
+            float(soft_scale),
+            float(ce_scale),
             DIVERGENCE=int(divergence),
             BLOCK_V=block,
             num_warps=num_warps,

@@ -10,15 +10,13 @@ Per chunk of valid rows (rows whose label is ``ignore_index`` are dropped before
 so the op returns the loss together with the gradients of student hidden, weight and bias, and backward only scales
 them by grad_output. Every chunk-local temporary is O(C x V); nothing O(N x V) is allocated.
 
-The soft term of a dense teacher is one call of the shared row kernel ``distill_loss_rows`` (Triton / C++ / torch)
-over the common vocabulary prefix ``[:min(Vs, Vt)]`` (the extra, padding columns are sliced off, so they are excluded
-from both softmaxes instead of being zero-padded). The hard term (cross-entropy over the student's full vocabulary at
-temperature 1) is fused into that same row-kernel call (its ``ce_weight`` term), which shares the student's softmax
-statistics between the two terms and writes one dlogits for both; only when the teacher's vocabulary is smaller than
-the student's (Vt < Vs: the divergence sees a prefix, CE the full row) is CE a separate torch pass over the chunk
-logits (as it is when there is no soft term, or with an explicit ``backend="cuda"``, whose C++ kernel has no CE term).
-The top-k path computes the
-student's logsumexp at T and at 1 in one pass (``_topk_chunk_torch`` / the Triton kernels in
+Both terms of a dense teacher come from one call of the shared row kernel ``distill_loss_rows`` (Triton / C++ /
+torch), which carries them explicitly (``soft_scale``, ``ce_scale``, ``ignore_index``): the hard term (cross-entropy
+over the student's full vocabulary at temperature 1) shares the student's softmax statistics with the divergence and
+one dlogits is written for both. When the teacher's vocabulary is narrower (Vt < Vs, padding) the divergence runs over
+the common prefix ``[:Vt]`` (the extra student columns excluded from its softmaxes, never zero-padded) and CE over the
+full row; without a soft term CE is computed on the chunk logits directly. The top-k path computes the student's
+logsumexp at T and at 1 in one pass (``_topk_chunk_torch`` / the Triton kernels in
 ``fastdistill.kernels.topk_distill``) and shares it between the CE and the sparse divergence.
 
 Top-k teachers (``topk_values`` [N, k], ``topk_indices`` [N, k], distinct indices per row): the divergence is taken
@@ -77,24 +75,12 @@ def choose_chunk_size(n_rows: int, v_student: int, v_teacher: int, hidden: int, 
     return int(max(1, min(rows, max(n_rows, 1))))
 
 
-def _soft_backend(device: torch.device, divergence: int, backend: str) -> str:
-    """The dense row kernel's backend; Triton falls back to torch when that launcher is not present in this build."""
-    resolved = _dl.resolve_backend(device, divergence, backend)
-    if resolved == "triton":
-        try:
-            import fastdistill.ops.distill_loss_triton  # noqa: F401
-        except ImportError:
-            return "torch"
-    return resolved
-
-
-def topk_backend(device: torch.device, backend: str) -> str:
-    """The top-k kernels exist in Triton and torch; ``cpp`` / ``cuda`` run the torch version of this step."""
-    if backend == "triton":
-        return "triton"
-    if backend == "auto" and device.type == "cuda" and _backend.triton_available():
-        return "triton"
-    return "torch"
+def resolve_backend(device: torch.device, sparse: bool, backend: str | None = None) -> str:
+    """The backend of the chunk terms: the dense row kernel (Triton / C++ / torch) or, for a top-k teacher, the top-k
+    kernels (Triton / torch; an explicit ``cpp`` runs their torch version, the step having no C++ kernel)."""
+    if sparse:
+        return _backend.choose_backend(device, cpp_op=None, backend=backend, cpp_runs_torch=True)
+    return _backend.choose_backend(device, cpp_op="distill_loss_rows", backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -184,6 +170,7 @@ def _topk_chunk_torch(
     """Top-k chunk in torch. The student's softmax at T is computed once and turned into dlogits in place; at T = 1
     the cross-entropy term shares it (its logsumexp and its probabilities), so the chunk sees ~3 passes over [C, Vs].
     """
+    s32 = s32.float()
     T = temperature
     if not need_soft:
         if not need_hard:
@@ -280,70 +267,66 @@ def _dense_chunk(
     divergence,
     beta,
     temperature,
+    ignore_index,
     soft_scale,
     loss_scale,
     hard_scale,
     need_soft,
     need_hard,
     need_grad,
-    soft_backend,
+    backend,
 ):
-    """Dense teacher chunk: the row kernel on the common vocabulary prefix, CE fused into it (one call) when the
-    kernel sees the student's full row, else CE on the same logits."""
-    Vc = min(s.shape[1], t.shape[1]) if t is not None else s.shape[1]
-    soft_rows = ce_rows = None
-    dlogits = None
-    # the CUDA C++ kernel (only reached with an explicit backend="cuda") has no CE term: it keeps the separate pass
-    fuse = need_soft and need_hard and Vc == s.shape[1] and soft_backend != "cuda"
-    if fuse and soft_scale > 0 and hard_scale > 0:
-        # the kernel scales the CE gradient by grad_scale * ce_weight = soft_scale * (hard_scale / soft_scale)
-        grad_scale = torch.full((1,), soft_scale, dtype=torch.float32, device=s.device)
+    """Dense teacher chunk: both terms from one row-kernel call (explicit soft and CE scales) when the kernel sees the
+    student's full row; a teacher narrower than the student (Vt < Vs) runs the divergence on the common prefix and CE
+    on the full row; no teacher (hard term only) is CE on the chunk logits."""
+    if not need_soft:
+        if not need_hard:
+            return None, None, None
+        s32 = s.float()
+        ce_rows, dlogits = _ce_rows_and_grad(s32, torch.logsumexp(s32, dim=-1), labels, hard_scale)
+        return ce_rows, None, dlogits if need_grad else None
+    Vc = min(s.shape[1], t.shape[1])
+    one = torch.ones(1, dtype=torch.float32, device=s.device)
+    if Vc == s.shape[1]:
         soft_rows, dlogits, ce_rows = _dl.distill_loss_rows(
             s,
             t[:, :Vc],
             labels,
-            grad_scale,
+            one,
             divergence,
             beta,
             temperature,
-            -100,
+            ignore_index,
             loss_scale,
             need_grad,
-            soft_backend,
-            ce_weight=hard_scale / soft_scale,
+            backend,
+            soft_scale=soft_scale,
+            ce_scale=hard_scale if need_hard else 0.0,
         )
-        return ce_rows, soft_rows, dlogits if need_grad else None
-    if need_soft:
-        grad_scale = torch.full((1,), soft_scale, dtype=torch.float32, device=s.device)
-        soft_rows, g_soft, _ = _dl.distill_loss_rows(
-            s[:, :Vc],
-            t[:, :Vc],
-            None,
-            grad_scale,
-            divergence,
-            beta,
-            temperature,
-            -100,
-            loss_scale,
-            need_grad,
-            soft_backend,
-        )
+        return (ce_rows if need_hard else None), soft_rows, (dlogits if need_grad else None)
+    soft_rows, g_soft, _ = _dl.distill_loss_rows(
+        s[:, :Vc],
+        t[:, :Vc],
+        labels,
+        one,
+        divergence,
+        beta,
+        temperature,
+        ignore_index,
+        loss_scale,
+        need_grad,
+        backend,
+        soft_scale=soft_scale,
+    )
+    ce_rows = dlogits = None
     if need_hard:
         s32 = s.float()
-        lse = torch.logsumexp(s32, dim=-1)
-        ce_rows, dlogits = _ce_rows_and_grad(s32, lse, labels, hard_scale)
-        if not need_grad:
-            dlogits = None
-    if need_soft and need_grad:
+        ce_rows, dlogits = _ce_rows_and_grad(s32, torch.logsumexp(s32, dim=-1), labels, hard_scale)
+    if need_grad:
         if dlogits is None:
-            if Vc == s.shape[1]:
-                dlogits = g_soft
-            else:
-                dlogits = s.new_zeros(s.shape)
-                dlogits[:, :Vc] = g_soft
-        else:
-            dlogits[:, :Vc] += g_soft
-    return ce_rows, soft_rows, dlogits
+            dlogits = s.new_zeros(s.shape)
+        dlogits[:, :Vc] += g_soft
+    return ce_rows, soft_rows, (dlogits if need_grad else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -384,16 +367,79 @@ def fused_linear_distill_forward(
     need_grad_weight: bool,
     need_grad_bias: bool,
     backend: str,
+    compute_dtype: torch.dtype | None = None,
 ):
     """Chunked forward; returns (loss, ce, soft, grad_hidden, grad_weight, grad_bias). See the module docstring.
 
     ``student_hidden`` [N, Hs], ``labels`` [N] or None; ``chunk_size`` <= 0 picks it automatically. ``ce`` and
-    ``soft`` are the unweighted terms with the same reduction as ``loss``.
+    ``soft`` are the unweighted terms with the same reduction as ``loss``. ``backend`` is already resolved
+    (``resolve_backend``). ``compute_dtype`` (the autocast dtype, or None): the dtype of every matmul, student and
+    teacher, and of the logits the row kernels read (their math is float32 whatever it is); the gradients are returned
+    in the dtypes of the inputs they belong to.
     """
-    X, W = student_hidden, student_weight
+    with torch.autocast(student_hidden.device.type, enabled=False):  # the dtypes below are explicit
+        return _forward(
+            student_hidden,
+            student_weight,
+            student_bias,
+            teacher_hidden,
+            teacher_weight,
+            teacher_bias,
+            topk_values,
+            topk_indices,
+            labels,
+            divergence,
+            beta,
+            temperature,
+            hard_weight,
+            soft_weight,
+            ignore_index,
+            reduction,
+            scale_by_t2,
+            topk_tail,
+            topk_logits,
+            chunk_size,
+            accum_fp32,
+            need_grad_hidden,
+            need_grad_weight,
+            need_grad_bias,
+            backend,
+            compute_dtype,
+        )
+
+
+def _forward(
+    X,
+    W,
+    student_bias,
+    teacher_hidden,
+    teacher_weight,
+    teacher_bias,
+    topk_values,
+    topk_indices,
+    labels,
+    divergence,
+    beta,
+    temperature,
+    hard_weight,
+    soft_weight,
+    ignore_index,
+    reduction,
+    scale_by_t2,
+    topk_tail,
+    topk_logits,
+    chunk_size,
+    accum_fp32,
+    need_grad_hidden,
+    need_grad_weight,
+    need_grad_bias,
+    backend,
+    compute_dtype,
+):
     N, Hs = X.shape
     Vs = W.shape[0]
-    device, dtype = X.device, X.dtype
+    device = X.device
+    dtype = compute_dtype or X.dtype  # matmuls and chunk logits
     divergence = _dl.canonical_divergence(divergence, beta)
     need_grad = need_grad_hidden or need_grad_weight or need_grad_bias
     need_soft = soft_weight != 0.0 and (teacher_weight is not None or topk_values is not None)
@@ -411,6 +457,12 @@ def fused_linear_distill_forward(
     soft_scale, hard_scale = soft_weight * norm, hard_weight * norm
 
     acc_dtype = torch.float32 if accum_fp32 else W.dtype
+    # the weights in the compute dtype, cast once (as autocast caches its casts of parameters)
+    W_mm = W.to(dtype)
+    b_mm = student_bias.to(dtype) if student_bias is not None else None
+    if teacher_weight is not None:
+        teacher_weight = teacher_weight.to(dtype)
+        teacher_bias = teacher_bias.to(dtype) if teacher_bias is not None else None
     grad_hidden = torch.zeros_like(X) if need_grad_hidden else X.new_empty(0)
     grad_weight = torch.zeros(W.shape, dtype=acc_dtype, device=device) if need_grad_weight else W.new_empty(0)
     grad_bias = (
@@ -424,56 +476,53 @@ def fused_linear_distill_forward(
         # a top-k chunk keeps about two [C, Vs] fp32 blocks (softmax -> dlogits, the logits), like a dense one
         Vt = teacher_weight.shape[0] if teacher_weight is not None else (Vs if sparse else 0)
         chunk_size = choose_chunk_size(n_valid, Vs, Vt, Hs, device)
-    soft_backend = _soft_backend(device, divergence, backend) if (need_soft and not sparse) else "torch"
-    k_backend = topk_backend(device, backend) if sparse else "torch"
+    # the chunk terms: chosen once, from the teacher's form and the resolved backend
+    if sparse:
+        topk = _topk_chunk_triton if backend == "triton" else _topk_chunk_torch
+        chunk_terms = functools.partial(
+            topk,
+            divergence=divergence,
+            beta=beta,
+            temperature=temperature,
+            tail=topk_tail,
+            topk_logits=topk_logits,
+            soft_scale=soft_scale,
+            loss_scale=loss_scale,
+            hard_scale=hard_scale,
+            need_soft=need_soft,
+            need_hard=need_hard,
+        )
+    else:
+        chunk_terms = functools.partial(
+            _dense_chunk,
+            divergence=divergence,
+            beta=beta,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            soft_scale=soft_scale,
+            loss_scale=loss_scale,
+            hard_scale=hard_scale,
+            need_soft=need_soft,
+            need_hard=need_hard,
+            need_grad=need_grad,
+            backend=backend,
+        )
 
     for start in range(0, n_valid, chunk_size):
         stop = min(start + chunk_size, n_valid)
         rows = valid_idx[start:stop] if valid_idx is not None else None
         take = functools.partial(_take_rows, rows=rows, start=start, stop=stop)
-        X_c = take(X)
+        X_c = take(X).to(dtype)
         lab_c = take(labels)
-        s = torch.nn.functional.linear(X_c, W, student_bias)  # [C, Vs]
+        s = torch.nn.functional.linear(X_c, W_mm, b_mm)  # [C, Vs]
         if sparse:
-            args = (
-                take(topk_values),
-                take(topk_indices),
-                lab_c,
-                divergence,
-                beta,
-                temperature,
-                topk_tail,
-                topk_logits,
-                soft_scale,
-                loss_scale,
-                hard_scale,
-                need_soft,
-                need_hard,
-            )
-            if k_backend == "triton":
-                ce_rows, soft_rows, dlogits = _topk_chunk_triton(s, *args)
-            else:
-                ce_rows, soft_rows, dlogits = _topk_chunk_torch(s.float(), *args)
+            ce_rows, soft_rows, dlogits = chunk_terms(s, take(topk_values), take(topk_indices), lab_c)
         else:
             t = None
             if need_soft:
                 with torch.no_grad():
-                    t = torch.nn.functional.linear(take(teacher_hidden), teacher_weight, teacher_bias).to(dtype)
-            ce_rows, soft_rows, dlogits = _dense_chunk(
-                s,
-                t,
-                lab_c,
-                divergence,
-                beta,
-                temperature,
-                soft_scale,
-                loss_scale,
-                hard_scale,
-                need_soft,
-                need_hard,
-                need_grad,
-                soft_backend,
-            )
+                    t = torch.nn.functional.linear(take(teacher_hidden).to(dtype), teacher_weight, teacher_bias)
+            ce_rows, soft_rows, dlogits = chunk_terms(s, t, lab_c)
             del t
         del s
         for out, part in ((ce_out, ce_rows), (soft_out, soft_rows)):
@@ -490,7 +539,7 @@ def fused_linear_distill_forward(
             continue
         d = dlogits.to(dtype)
         if need_grad_hidden:
-            dX_c = d @ W  # [C, Hs]
+            dX_c = (d @ W_mm).to(X.dtype)  # [C, Hs]
             if rows is not None:
                 grad_hidden.index_copy_(0, rows, dX_c)
             else:
@@ -498,8 +547,8 @@ def fused_linear_distill_forward(
         if need_grad_weight:
             if acc_dtype == dtype:
                 grad_weight.addmm_(d.t(), X_c)
-            else:  # fp32 accumulation of a low-precision weight's gradient
-                grad_weight.addmm_(d.t().float(), X_c.float())
+            else:  # accumulated in a wider dtype (accum_fp32, or a float32 weight under autocast)
+                grad_weight.addmm_(d.t().to(acc_dtype), X_c.to(acc_dtype))
         if need_grad_bias:
             grad_bias.add_(dlogits.float().sum(0))
         del dlogits, d
@@ -538,6 +587,7 @@ def fused_linear_distill_op(
     need_grad_weight: bool,
     need_grad_bias: bool,
     backend: str,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, ce, soft, grad_hidden, grad_weight, grad_bias); inputs already validated by the functional API."""
     return fused_linear_distill_forward(
@@ -566,6 +616,7 @@ def fused_linear_distill_op(
         need_grad_weight,
         need_grad_bias,
         backend,
+        compute_dtype,
     )
 
 
@@ -596,6 +647,7 @@ def _(
     need_grad_weight,
     need_grad_bias,
     backend,
+    compute_dtype=None,
 ):
     N = student_hidden.shape[0]
     shape = (N,) if reduction == REDUCTION_ID["none"] else ()
@@ -642,7 +694,7 @@ def _backward(ctx, grad_loss, _g_ce, _g_soft, _g_x, _g_w, _g_b):
     gx = _scale(gx, grad_loss, ctx.reduction) if gx.numel() else None
     gw = _scale(gw, grad_loss, ctx.reduction).to(ctx.weight_dtype) if gw.numel() else None
     gb = _scale(gb, grad_loss, ctx.reduction).to(ctx.bias_dtype) if gb.numel() and ctx.bias_dtype else None
-    return (gx, gw, gb) + (None,) * 22
+    return (gx, gw, gb) + (None,) * 23
 
 
 fused_linear_distill_op.register_autograd(_backward, setup_context=_setup_context)

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from fastdistill import _backend
+from fastdistill.divergences import REDUCTION_ID
 from fastdistill.ops._autograd import is_exactly_one
 
-REDUCTIONS = ("none", "batchmean", "sum", "mean")
+REDUCTIONS = ("none", "batchmean", "sum", "mean")  # torch.nn.functional.kl_div's; ids from REDUCTION_ID
 
 
 def _rows_torch(input, target, grad_scale, log_target, need_grad):
@@ -49,9 +50,9 @@ def kl_div_op(
     t = target.reshape(-1, V)
     x = x if x.stride(-1) == 1 else x.contiguous()
     t = t if t.stride(-1) == 1 else t.contiguous()
-    if REDUCTIONS[reduction] == "batchmean":
+    if reduction == REDUCTION_ID["batchmean"]:
         denom = input.shape[0] if input.dim() else 1
-    elif REDUCTIONS[reduction] == "mean":
+    elif reduction == REDUCTION_ID["mean"]:
         denom = input.numel()
     else:
         denom = 1
@@ -94,5 +95,5 @@ def kl_div(input: torch.Tensor, target: torch.Tensor, reduction: str, log_target
         return p * torch.where(p == 0, torch.zeros_like(input), log_p - input)
     resolved = _backend.choose_backend(input.device, cpp_op="kl_div_rows", backend=backend)
     need_grad = torch.is_grad_enabled() and input.requires_grad
-    loss, _ = kl_div_op(input, target, REDUCTIONS.index(reduction), log_target, need_grad, resolved)
+    loss, _ = kl_div_op(input, target, REDUCTION_ID[reduction], log_target, need_grad, resolved)
     return loss.to(input.dtype)

@@ -17,9 +17,9 @@ import yaml
 from fastdistill._config import ConfigError, apply_overrides, parse_override, read_yaml
 
 __all__ = ["ConfigError", "SCHEMA", "apply_overrides", "dump_config", "load_config", "parse_override", "validate"]
+from fastdistill.divergences import DIVERGENCES  # the one table of divergences (ids, beta = 0 / 1 conventions)
 
 BUILTIN_MODELS = ("smollm2-135m-instruct",)
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
 LOSS_TYPES = ("logit_kd", "hard_ce", "hint", "attention", "affinity")
 
 
