@@ -44,7 +44,7 @@ PRESETS = {
     "fallback": dict(
         shapes=[(4096, 32000)],
         dtype="float32",
-        divergences=["forward_kl", "jsd"],
+        divergences=["forward_kl"],
         modes=["full"],
         repeats=5,
         compile=False,

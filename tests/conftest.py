@@ -36,6 +36,13 @@ STRESS_SEEDS = int(os.environ.get("FASTDISTILL_STRESS_SEEDS", "0") or 0)
 TORCH_ERROR_FACTOR = 2.0
 
 
+def known_precision_defect(reason: str):
+    """Mark a case whose result is measured to be further from float64 than the suite's factor allows: a real defect,
+    kept visible (xfail in the report, counted by ``make test-stress``) instead of hidden by a looser tolerance.
+    Non-strict, because whether one seed crosses the bound depends on its inputs; remove the mark with the fix."""
+    return pytest.mark.xfail(strict=False, reason=f"known precision defect: {reason}")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cpu_only: runs only on the CPU (skipped by make gpu-check)")
     config.addinivalue_line("markers", "slow: long-running (multi-process, real models)")
@@ -141,7 +148,7 @@ def assert_within_torch_error(
     )
 
 
-def assert_close(got, want, *, msg: str = "", **tolerances) -> None:
+def assert_close(got, want, *, msg: str | None = None, **tolerances) -> None:
     """``torch.testing.assert_close`` in float64 on the CPU that keeps torch's report and prefixes ``msg`` to it."""
     got, want = got.detach().double().cpu(), want.detach().double().cpu()
     if msg:

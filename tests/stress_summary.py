@@ -16,7 +16,7 @@ def main(path: str) -> int:
     worst: dict[str, str] = {}
     for case in ET.parse(path).getroot().iter("testcase"):
         name = f"{case.get('classname', '')}::{case.get('name', '')}"
-        key = re.sub(r"-?seed\d+(?=\]$)", "", name).replace("[]", "")
+        key = re.sub(r"(?<=\[)seed\d+-|-?seed\d+(?=\])|-seed\d+(?=-)", "", name).replace("[]", "")
         stats = runs[key]
         stats[0] += 1
         failure = case.find("failure")

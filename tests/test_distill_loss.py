@@ -84,7 +84,7 @@ def _check(s, t, labels, backend, grad_output=None, **kw):
     return loss, grad
 
 
-def _close(a, b, *, atol=2e-6, rtol=2e-5, msg=""):
+def _close(a, b, *, atol=2e-6, rtol=2e-5, msg=None):
     assert_close(a, b, atol=atol, rtol=rtol, msg=msg)
 
 
@@ -93,9 +93,12 @@ def _stress_if(cond: bool) -> list:
     return [pytest.mark.stress] if cond else []
 
 
-# make test-stress repeats the batchmean cases over many seeds (the reductions only rescale the same rows)
+# make test-stress repeats the batchmean cases over many seeds (the reductions only rescale the same rows); in the
+# Triton interpreter only at T = 2.5 (T = 1 is the same kernel path without the scaling)
 MATCH_CASES = [
-    pytest.param(b, d, r, T, id=f"T{T:g}-{r}-{d}-{b}", marks=_stress_if(r == "batchmean"))
+    pytest.param(
+        b, d, r, T, id=f"T{T:g}-{r}-{d}-{b}", marks=_stress_if(r == "batchmean" and (T != 1.0 or b != "triton"))
+    )
     for T in (1.0, 2.5)
     for r in R.REDUCTIONS
     for d in R.DIVERGENCES
