@@ -118,14 +118,14 @@ CASES = [
 
 # make test-stress: every case but the dense ones in the Triton interpreter (the same row kernel as distill_loss,
 # stressed there); the top-k kernels are Triton-only and stay in
-# measured: the top-k tail-bucket gradients of student hidden / weight are 2.5x (median) to 4x plain torch's fp32
-# error (torch backend, N=29, V=300; the renormalized top-k and dense paths are within 1.4x)
+# measured: with the soft term alone (hard_weight = 0), the top-k tail-bucket gradients of student hidden / weight are
+# 2.5x (median) to 4x plain torch's fp32 error (torch backend, N=29, V=300, T=2, 8 seeds; the renormalized top-k and
+# dense paths stay within 1.4x; with a CE term, as in test_matches_reference, the cases pass)
 BUCKET_DEFECT = known_precision_defect("top-k tail-bucket gradient 2.5-4x plain torch's fp32 error (issue 9)")
 
 
 def _case_marks(divergence, mode, backend):
-    marks = [] if (mode == "dense" and backend == "triton") else [pytest.mark.stress]
-    return marks + ([BUCKET_DEFECT] if mode == "topk_bucket" else [])
+    return [] if (mode == "dense" and backend == "triton") else [pytest.mark.stress]
 
 
 @pytest.mark.parametrize(
@@ -182,8 +182,10 @@ def test_dense_hard_term_fused_into_row_kernel(divergence, backend, Vt, T, monke
     ],
     ids=["sum-ce-only", "none-T2", "jsd-beta0", "T0.5-no-t2"],
 )
-@pytest.mark.parametrize("mode", ["dense", pytest.param("topk_bucket", marks=BUCKET_DEFECT)])
-def test_reductions_weights_temperature(case, mode, backend, seed):
+@pytest.mark.parametrize("mode", ["dense", "topk_bucket"])
+def test_reductions_weights_temperature(case, mode, backend, seed, request):
+    if mode == "topk_bucket" and case["hard_weight"] == 0:
+        request.applymarker(BUCKET_DEFECT)
     if mode != "dense" and backend not in ("torch", "triton"):
         pytest.skip("the top-k step runs its torch version on this backend (covered by backend=torch)")
     p = _problem(seed, N=29, Vs=300, Vt=300, bias=False, ignore_every=3, dtype=torch.float32)
