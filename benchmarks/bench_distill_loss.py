@@ -3,6 +3,7 @@
     python benchmarks/bench_distill_loss.py --preset cpu      # N=4096, V=32000 fp32, the CPU target (also `make demo`)
     python benchmarks/bench_distill_loss.py --preset gpu      # N=8192, V=128256 bf16, + GB/s vs copy bandwidth, Liger
     python benchmarks/bench_distill_loss.py --preset smoke    # seconds; used by the test suite
+    python benchmarks/bench_distill_loss.py --preset fallback --providers torch fastdistill-torch   # the torch fallback
 
 Modes: ``forward`` (loss; fastdistill also computes the gradient here, as it does in training), ``backward`` (after an
 untimed forward), ``full`` (forward + backward). Rows are appended to benchmarks/results/distill_loss.csv and plotted
@@ -37,6 +38,16 @@ PRESETS = {
         modes=["forward", "backward", "full"],
         repeats=5,
         compile=True,
+    ),
+    # the torch fallback (no compiler: what `pip install` without a build gives) against the plain eager formula:
+    #   python benchmarks/bench_distill_loss.py --preset fallback --providers torch fastdistill-torch
+    "fallback": dict(
+        shapes=[(4096, 32000)],
+        dtype="float32",
+        divergences=["forward_kl"],
+        modes=["full"],
+        repeats=5,
+        compile=False,
     ),
     "demo": dict(
         shapes=[(4096, 32000)],

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, available_backends
+from conftest import DEVICE, assert_close, assert_within_torch_error, available_backends, generator
 
 import fastdistill.functional as FD
 from fastdistill import nn as fdnn
@@ -23,8 +23,9 @@ def _backends_for(divergence: str) -> list[str]:
     return [b for b in BACKENDS if b != "cuda" or divergence == "forward_kl"]
 
 
-def _inputs(shape, *, dtype=torch.float32, seed=None, scale=3.0, ignore_frac=0.25, device=DEVICE):
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+def _inputs(shape, seed, *, dtype=torch.float32, scale=3.0, ignore_frac=0.25, device=DEVICE):
+    """Student / teacher logits N(0, scale^2) and labels (``ignore_frac`` of them ignored), drawn from ``seed``."""
+    g = generator(seed)
     s = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
     t = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
     labels = torch.randint(0, shape[-1], shape[:-1], generator=g).to(device)
@@ -51,53 +52,96 @@ def _ours(s, t, labels, backend, grad_output=None, **kw):
     return loss.detach(), s.grad
 
 
-def _close(a, b, *, atol=2e-6, rtol=2e-5, msg=""):
-    torch.testing.assert_close(a.double().cpu(), b.double().cpu(), atol=atol, rtol=rtol, msg=msg)
+def _torch(s, t, labels, grad_output=None, **kw):
+    """Plain eager torch in the inputs' dtype (the reference formula with autograd): the accuracy yardstick."""
+    s = s.detach().clone().requires_grad_(True)
+    loss = R.distill_loss(s, t.detach(), labels, **kw)
+    if grad_output is None:
+        (loss.sum() if loss.dim() else loss).backward()
+    else:
+        loss.backward(grad_output)
+    return loss.detach(), s.grad
+
+
+def _check(s, t, labels, backend, grad_output=None, **kw):
+    """``backend``'s loss and gradient vs the float64 reference, within the suite's factor of plain torch's error in
+    the same dtype on the same inputs (conftest.assert_within_torch_error)."""
+    go64 = grad_output.double() if grad_output is not None else None
+    s64 = s.detach().double().requires_grad_(True)
+    ref_loss = R.distill_loss(s64, t.detach().double(), labels, **kw)
+    if go64 is None:
+        (ref_loss.sum() if ref_loss.dim() else ref_loss).backward()
+    else:
+        ref_loss.backward(go64)
+    torch_loss, torch_grad = _torch(s, t, labels, grad_output, **kw)
+    loss, grad = _ours(s, t, labels, backend, grad_output, **kw)
+    assert loss.dtype == torch.float32 and loss.shape == ref_loss.shape, (loss.dtype, loss.shape, ref_loss.shape)
+    assert grad.dtype == s.dtype and grad.shape == s.shape, (grad.dtype, grad.shape, s.shape)
+    V = s.shape[-1]
+    where = f"{backend} {kw}"
+    assert_within_torch_error(loss, ref_loss, torch_loss, summands=V if loss.dim() else s.numel(), what=f"loss {where}")
+    assert_within_torch_error(grad, s64.grad, torch_grad, summands=V, what=f"grad {where}")
+    return loss, grad
+
+
+def _close(a, b, *, atol=2e-6, rtol=2e-5, msg=None):
+    assert_close(a, b, atol=atol, rtol=rtol, msg=msg)
 
 
 # --------------------------------------------------------------------------------------------------- correctness
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("divergence", R.DIVERGENCES)
-@pytest.mark.parametrize("reduction", R.REDUCTIONS)
-@pytest.mark.parametrize("temperature", [1.0, 2.5], ids=["T1", "T2.5"])
-def test_matches_reference(backend, divergence, reduction, temperature):
-    if backend == "cuda" and divergence != "forward_kl":
-        pytest.skip("the CUDA C++ kernel implements forward KL only")
-    s, t, labels = _inputs((3, 17, 131))  # ragged: 51 rows, V not a power of two
-    kw = dict(divergence=divergence, reduction=reduction, temperature=temperature, beta=0.3)
-    ref_loss, ref_grad = _reference(s, t, labels, **kw)
-    loss, grad = _ours(s, t, labels, backend, **kw)
-    assert loss.dtype == torch.float32 and loss.shape == ref_loss.shape
-    _close(loss, ref_loss, msg=f"loss {backend} {divergence}")
-    _close(grad, ref_grad, msg=f"grad {backend} {divergence}")
+def _stress_if(cond: bool) -> list:
+    return [pytest.mark.stress] if cond else []
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(
-    "shape",
-    [(41, 401, 1271), (3, 50257), (2, 70001)],
-    ids=["41x401x1271", "3x50257", "2x70001(V>65536)"],
-)
-@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
-def test_ragged_and_large_vocab(backend, shape, divergence):
+# make test-stress repeats the batchmean cases over many seeds (the reductions only rescale the same rows); in the
+# Triton interpreter only at T = 2.5 (T = 1 is the same kernel path without the scaling)
+MATCH_CASES = [
+    pytest.param(
+        b, d, r, T, id=f"T{T:g}-{r}-{d}-{b}", marks=_stress_if(r == "batchmean" and (T != 1.0 or b != "triton"))
+    )
+    for T in (1.0, 2.5)
+    for r in R.REDUCTIONS
+    for d in R.DIVERGENCES
+    for b in BACKENDS
+]
+
+
+@pytest.mark.parametrize("backend, divergence, reduction, temperature", MATCH_CASES)
+def test_matches_reference(backend, divergence, reduction, temperature, seed):
     if backend == "cuda" and divergence != "forward_kl":
         pytest.skip("the CUDA C++ kernel implements forward KL only")
-    if INTERPRETED and backend == "triton" and shape[0] == 41:
+    s, t, labels = _inputs((3, 17, 131), seed)  # ragged: 51 rows, V not a power of two
+    _check(s, t, labels, backend, divergence=divergence, reduction=reduction, temperature=temperature, beta=0.3)
+
+
+# ragged rows and V; vocabularies of GPT-2 and one over 65536 (int32 / 16-bit index limits). In the Triton
+# interpreter (numpy, one program at a time) the big vocabularies run forward KL and JSD only, and make test-stress
+# leaves them out (minutes per seed).
+LARGE_CASES = [
+    pytest.param(
+        b, shape, d, id=f"{d}-{sid}-{b}", marks=_stress_if(sid != "5x401x1271" and not (INTERPRETED and b == "triton"))
+    )
+    for d in R.DIVERGENCES
+    for shape, sid in (((5, 401, 1271), "5x401x1271"), ((3, 50257), "3x50257"), ((2, 70001), "2x70001(V>65536)"))
+    for b in BACKENDS
+    if not (INTERPRETED and b == "triton" and d not in ("forward_kl", "jsd"))
+]
+
+
+@pytest.mark.parametrize("backend, shape, divergence", LARGE_CASES)
+def test_ragged_and_large_vocab(backend, shape, divergence, seed):
+    if backend == "cuda" and divergence != "forward_kl":
+        pytest.skip("the CUDA C++ kernel implements forward KL only")
+    if INTERPRETED and backend == "triton" and shape[-1] == 1271:
         shape = (2, 9, 1271)  # the interpreter runs every program in numpy: same ragged V, fewer rows
-    s, t, labels = _inputs(shape)
-    ref_loss, ref_grad = _reference(s, t, labels, divergence=divergence)
-    loss, grad = _ours(s, t, labels, backend, divergence=divergence)
-    _close(loss, ref_loss)
-    _close(grad, ref_grad, atol=3e-7)  # fp32 sums over up to 70k entries
+    s, t, labels = _inputs(shape, seed)
+    _check(s, t, labels, backend, divergence=divergence, beta=0.3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_labels_none_and_flat_labels(backend):
-    s, t, labels = _inputs((4, 5, 97))
-    ref_loss, ref_grad = _reference(s, t, None)
-    loss, grad = _ours(s, t, None, backend)
-    _close(loss, ref_loss)
-    _close(grad, ref_grad)
+def test_labels_none_and_flat_labels(backend, seed):
+    s, t, labels = _inputs((4, 5, 97), seed)
+    _check(s, t, None, backend)
     # labels may be given flat, [N], for [B, T, V] logits
     loss_flat, _ = _ours(s, t, labels.reshape(-1), backend)
     loss_shaped, _ = _ours(s, t, labels, backend)
@@ -105,147 +149,118 @@ def test_labels_none_and_flat_labels(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_jsd_end_points_are_the_kls(backend):
-    s, t, labels = _inputs((6, 77))
+def test_jsd_end_points_are_the_kls(backend, seed):
+    s, t, labels = _inputs((6, 77), seed)
     for beta, kl in ((0.0, "forward_kl"), (1.0, "reverse_kl")):
         if backend == "cuda" and kl != "forward_kl":
             continue
         a, ga = _ours(s, t, labels, backend, divergence="jsd", beta=beta)
         b, gb = _ours(s, t, labels, backend, divergence=kl)
-        _close(a, b, atol=0, rtol=0)
-        _close(ga, gb, atol=0, rtol=0)
+        _close(a, b, atol=0, rtol=0, msg=f"jsd beta={beta} vs {kl}")
+        _close(ga, gb, atol=0, rtol=0, msg=f"grad jsd beta={beta} vs {kl}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence", R.DIVERGENCES)
-def test_temperature_factor_can_be_turned_off(backend, divergence):
+def test_temperature_factor_can_be_turned_off(backend, divergence, seed):
     if backend == "cuda" and divergence != "forward_kl":
         pytest.skip("forward KL only")
-    s, t, labels = _inputs((5, 64))
-    on, g_on = _ours(s, t, labels, backend, divergence=divergence, temperature=3.0)
-    off, g_off = _ours(s, t, labels, backend, divergence=divergence, temperature=3.0, scale_by_t2=False)
-    _close(on, off * 9.0)
-    _close(g_on, g_off * 9.0)
-    ref, ref_g = _reference(s, t, labels, divergence=divergence, temperature=3.0, scale_by_t2=False)
-    _close(off, ref)
-    _close(g_off, ref_g)
+    s, t, labels = _inputs((5, 64), seed)
+    on, _ = _check(s, t, labels, backend, divergence=divergence, temperature=3.0)
+    off, _ = _check(s, t, labels, backend, divergence=divergence, temperature=3.0, scale_by_t2=False)
+    assert_close(on, off * 9.0, rtol=1e-5, atol=0, msg="loss with vs without the T^2 factor")
 
 
 # ---------------------------------------------------------------------------------------------------- edge cases
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", R.REDUCTIONS)
-def test_all_rows_ignored_gives_zero_not_nan(backend, reduction):
-    s, t, _ = _inputs((4, 33))
+def test_all_rows_ignored_gives_zero_not_nan(backend, reduction, seed):
+    s, t, _ = _inputs((4, 33), seed)
     labels = torch.full((4,), -100, device=DEVICE)
     loss, grad = _ours(s, t, labels, backend, reduction=reduction)
-    assert torch.equal(loss, torch.zeros_like(loss))
-    assert torch.equal(grad, torch.zeros_like(grad))
+    assert torch.equal(loss, torch.zeros_like(loss)), loss
+    assert torch.equal(grad, torch.zeros_like(grad)), grad.abs().max()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_single_row_and_custom_ignore_index(backend):
-    s, t, _ = _inputs((1, 50))
+def test_single_row_and_custom_ignore_index(backend, seed):
+    s, t, _ = _inputs((1, 50), seed)
     labels = torch.tensor([7], device=DEVICE)
-    ref_loss, ref_grad = _reference(s, t, labels, ignore_index=7)
     loss, grad = _ours(s, t, labels, backend, ignore_index=7)
-    assert float(loss) == 0.0 and float(ref_loss) == 0.0
-    _close(grad, ref_grad)
-    loss, grad = _ours(s, t, labels, backend, ignore_index=-1)
-    ref_loss, ref_grad = _reference(s, t, labels, ignore_index=-1)
+    assert float(loss) == 0.0 and torch.equal(grad, torch.zeros_like(grad)), (loss, grad.abs().max())
+    loss, _ = _check(s, t, labels, backend, ignore_index=-1)
     assert float(loss) > 0
-    _close(loss, ref_loss)
-    _close(grad, ref_grad)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence", R.DIVERGENCES)
-def test_huge_logits_are_stable(backend, divergence):
+def test_huge_logits_are_stable(backend, divergence, seed):
     if backend == "cuda" and divergence != "forward_kl":
         pytest.skip("forward KL only")
-    s, t, labels = _inputs((6, 40), scale=1.0)
+    s, t, labels = _inputs((6, 40), seed, scale=1.0)
     s, t = s.sign() * 1e4 * s.abs().clamp(max=1), t.sign() * 1e4 * t.abs().clamp(max=1)
-    ref_loss, ref_grad = _reference(s, t, labels, divergence=divergence)
-    loss, grad = _ours(s, t, labels, backend, divergence=divergence)
+    loss, grad = _check(s, t, labels, backend, divergence=divergence)
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
-    _close(loss, ref_loss, atol=1e-3, rtol=1e-5)
-    _close(grad, ref_grad, atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence", R.DIVERGENCES)
-def test_masked_vocabulary_is_finite(backend, divergence):
+def test_masked_vocabulary_is_finite(backend, divergence, seed):
     if backend == "cuda" and divergence != "forward_kl":
         pytest.skip("forward KL only")
-    s, t, labels = _inputs((5, 90))
-    mask = torch.rand(90, device=DEVICE) < 0.3
+    s, t, labels = _inputs((5, 90), seed)
+    mask = torch.rand(90, generator=generator(seed + 1)).to(DEVICE) < 0.3
     s = s.masked_fill(mask, float("-inf"))
     t = t.masked_fill(mask, float("-inf"))
-    ref_loss, ref_grad = _reference(s, t, labels, divergence=divergence)
-    loss, grad = _ours(s, t, labels, backend, divergence=divergence)
+    loss, grad = _check(s, t, labels, backend, divergence=divergence)
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all(), (loss, grad)
     assert torch.equal(grad[..., mask], torch.zeros_like(grad[..., mask]))
-    _close(loss, ref_loss)
-    _close(grad, ref_grad)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_input_gives_nan_like_torch(backend):
-    s, t, _ = _inputs((3, 20), ignore_frac=0)
+def test_nan_input_gives_nan_like_torch(backend, seed):
+    s, t, _ = _inputs((3, 20), seed, ignore_frac=0)
     s[1, 4] = float("nan")
     loss = FD.distill_loss(s, t, backend=backend, reduction="none")
     ref = R.distill_loss(s, t, reduction="none")
-    assert torch.isnan(ref[1]) and torch.isnan(loss[1])
-    assert torch.isfinite(loss[0]) and torch.isfinite(loss[2])
+    assert torch.isnan(ref[1]) and torch.isnan(loss[1]), (ref, loss)
+    assert torch.isfinite(loss[0]) and torch.isfinite(loss[2]), loss
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", R.REDUCTIONS)
-def test_grad_output_not_one(backend, reduction):
-    s, t, labels = _inputs((3, 7, 55))
-    go = torch.tensor(0.37, device=DEVICE) if reduction != "none" else torch.rand(3, 7, device=DEVICE)
-    s64 = s.detach().double().requires_grad_(True)
-    R.distill_loss(s64, t.double(), labels, reduction=reduction).backward(go.double())
-    loss, grad = _ours(s, t, labels, backend, grad_output=go, reduction=reduction)
-    _close(grad, s64.grad)
+def test_grad_output_not_one(backend, reduction, seed):
+    s, t, labels = _inputs((3, 7, 55), seed)
+    go = torch.tensor(0.37) if reduction != "none" else torch.rand(3, 7, generator=generator(seed + 1))
+    _check(s, t, labels, backend, grad_output=go.to(DEVICE), reduction=reduction)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous_inputs(backend):
-    s, t, labels = _inputs((2, 12, 2 * 67))
+def test_non_contiguous_inputs(backend, seed):
+    s, t, labels = _inputs((2, 12, 2 * 67), seed)
     s_nc, t_nc = s[..., ::2], t.transpose(0, 1).contiguous().transpose(0, 1)[..., 1::2]  # strided last dim
     s_rows, t_rows = s[:, ::3, :], t[:, ::3, :]  # row-strided, last dim contiguous
     assert not s_nc.is_contiguous() and not s_rows.is_contiguous()
     for a, b, lab in ((s_nc, t_nc, labels), (s_rows, t_rows, labels[:, ::3])):
-        ref_loss, ref_grad = _reference(a, b, lab)
-        loss, grad = _ours(a, b, lab, backend)
-        _close(loss, ref_loss)
-        _close(grad, ref_grad)
+        _check(a, b, lab, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
-def test_low_precision_within_torch_error(backend, dtype, divergence):
+def test_low_precision_within_torch_error(backend, dtype, divergence, seed):
+    """The same rule as float32: no worse than the suite's factor x plain torch's own error in that dtype (torch
+    computes in bf16 / fp16 here, fastdistill in float32 and rounds the gradient once)."""
     if backend == "cuda" and divergence != "forward_kl":
         pytest.skip("forward KL only")
-    s, t, labels = _inputs((8, 300), dtype=dtype, scale=2.0)
-    ref_loss, ref_grad = _reference(s, t, labels, divergence=divergence)  # exact maths on the rounded inputs
-    s_lp = s.detach().clone().requires_grad_(True)  # plain torch in the low-precision dtype: the bound's yardstick
-    torch_loss = R.distill_loss(s_lp, t, labels, divergence=divergence)
-    torch_loss.backward()
-    loss, grad = _ours(s, t, labels, backend, divergence=divergence)
-    assert grad.dtype == dtype
-    loss_err, torch_loss_err = (loss.double() - ref_loss).abs(), (torch_loss.double() - ref_loss).abs()
-    grad_err = (grad.double() - ref_grad).abs().max()
-    torch_grad_err = (s_lp.grad.double() - ref_grad).abs().max()
-    assert loss_err <= 2 * torch_loss_err + 1e-5, (loss_err, torch_loss_err)
-    assert grad_err <= 2 * torch_grad_err + 1e-6, (grad_err, torch_grad_err)
+    s, t, labels = _inputs((8, 300), seed, dtype=dtype, scale=2.0)
+    _check(s, t, labels, backend, divergence=divergence)
 
 
 # ----------------------------------------------------------------------------------------- autograd and memory
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_saves_only_the_gradient_and_backward_reuses_it(backend):
-    s, t, labels = _inputs((16, 257))
+def test_saves_only_the_gradient_and_backward_reuses_it(backend, seed):
+    s, t, labels = _inputs((16, 257), seed)
     s.requires_grad_(True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
@@ -260,8 +275,8 @@ def test_saves_only_the_gradient_and_backward_reuses_it(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_no_gradient_work_without_grad(backend):
-    s, t, labels = _inputs((6, 40))
+def test_no_gradient_work_without_grad(backend, seed):
+    s, t, labels = _inputs((6, 40), seed)
     loss_nograd, grad = op.distill_loss_op(s, t, labels, 0, 0.5, 1.0, -100, True, 2, False, backend)
     assert grad.numel() == 0
     with torch.no_grad():
@@ -270,8 +285,8 @@ def test_no_gradient_work_without_grad(backend):
     _close(loss, _reference(s, t, labels)[0])
 
 
-def test_teacher_gets_no_gradient_and_must_not_require_grad():
-    s, t, labels = _inputs((4, 30))
+def test_teacher_gets_no_gradient_and_must_not_require_grad(seed):
+    s, t, labels = _inputs((4, 30), seed)
     t.requires_grad_(True)
     with pytest.raises(ValueError, match="teacher_logits requires grad"):
         FD.distill_loss(s, t, labels)
@@ -287,21 +302,23 @@ def test_teacher_gets_no_gradient_and_must_not_require_grad():
         (dict(divergence="kl"), "divergence='kl' is not supported"),
         (dict(reduction="mean"), "reduction='mean' is not supported"),
         (dict(beta=1.5), r"beta=1.5 is out of range"),
-        (dict(temperature=0.0), "temperature=0.0 is invalid"),
+        (dict(temperature=0.0), "temperature=0.0 is out of range"),
         (dict(temperature=float("nan")), "temperature=nan is invalid"),
         (dict(backend="tpu"), "backend='tpu' is not a backend"),
     ],
 )
-def test_bad_options(kwargs, match):
-    s, t, labels = _inputs((2, 10))
+def test_bad_options(kwargs, match, seed):
+    s, t, labels = _inputs((2, 10), seed)
     with pytest.raises(ValueError, match=match):
         FD.distill_loss(s, t, labels, **kwargs)
 
 
-def test_mismatched_inputs_name_both():
-    s, t, labels = _inputs((4, 30))
-    with pytest.raises(ValueError, match=r"student_logits has shape \(4, 30\) but teacher_logits has shape \(4, 31\)"):
-        FD.distill_loss(s, torch.randn(4, 31, device=DEVICE))
+def test_mismatched_inputs_name_both(seed):
+    s, t, labels = _inputs((4, 30), seed)
+    with pytest.raises(ValueError, match=r"student_logits has shape \(4, 30\) but teacher_logits has shape \(5, 30\)"):
+        FD.distill_loss(s, torch.randn(5, 30, device=DEVICE))
+    with pytest.raises(ValueError, match=r"Vs=30 and Vt=400 \(by 370\); only padding mismatches"):
+        FD.distill_loss(s, torch.randn(4, 400, device=DEVICE))
     with pytest.raises(ValueError, match="student_logits has dtype torch.float32 but teacher_logits has dtype"):
         FD.distill_loss(s, t.double())
     with pytest.raises(ValueError, match="student_logits is on .* but teacher_logits is on meta"):
@@ -314,9 +331,9 @@ def test_mismatched_inputs_name_both():
         FD.distill_loss(labels.unsqueeze(-1).repeat(1, 3), labels.unsqueeze(-1).repeat(1, 3))
 
 
-def test_bad_backend_environment_variable(monkeypatch):
+def test_bad_backend_environment_variable(monkeypatch, seed):
     monkeypatch.setenv("FASTDISTILL_BACKEND", "fastest")
-    s, t, labels = _inputs((2, 10))
+    s, t, labels = _inputs((2, 10), seed)
     with pytest.raises(ValueError, match="FASTDISTILL_BACKEND='fastest' is not a backend"):
         FD.distill_loss(s, t, labels)
 
@@ -328,8 +345,8 @@ def test_environment_variable_forces_backend(monkeypatch):
 
 # --------------------------------------------------------------------------------------- compile and opcheck
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck(backend):
-    s, t, labels = _inputs((5, 37))
+def test_opcheck(backend, seed):
+    s, t, labels = _inputs((5, 37), seed)
     for reduction in (0, 2):
         args = (s.clone().requires_grad_(True), t, labels, 2, 0.3, 2.0, -100, True, reduction, True, backend)
         torch.library.opcheck(op.distill_loss_op, args)
@@ -359,8 +376,8 @@ def test_torch_compile_fullgraph():
 
 
 # ------------------------------------------------------------------------------------------------------ modules
-def test_distill_loss_module_matches_functional():
-    s, t, labels = _inputs((3, 4, 21))
+def test_distill_loss_module_matches_functional(seed):
+    s, t, labels = _inputs((3, 4, 21), seed)
     mod = fdnn.DistillLoss(divergence="skew_reverse_kl", beta=0.1, temperature=1.5, reduction="sum")
     assert "skew_reverse_kl" in repr(mod)
     _close(
@@ -371,11 +388,12 @@ def test_distill_loss_module_matches_functional():
     )
 
 
+@pytest.mark.stress
 @pytest.mark.parametrize("backend", KL_BACKENDS)
 @pytest.mark.parametrize("reduction", ["none", "batchmean", "sum", "mean"])
 @pytest.mark.parametrize("log_target", [False, True], ids=["prob_target", "log_target"])
-def test_kl_div_module_is_a_drop_in(backend, reduction, log_target):
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+def test_kl_div_module_is_a_drop_in(backend, reduction, log_target, seed):
+    g = generator(seed)
     x64 = torch.randn(6, 5, 83, generator=g, dtype=torch.float64).log_softmax(-1)
     tgt = torch.randn(6, 5, 83, generator=g, dtype=torch.float64).log_softmax(-1)
     tgt[0, 0, :5] = float("-inf")  # zero-probability targets contribute 0
@@ -389,8 +407,12 @@ def test_kl_div_module_is_a_drop_in(backend, reduction, log_target):
     ours = FD.kl_div(x, tgt.float().to(DEVICE), reduction=reduction, log_target=log_target, backend=backend)
     assert ours.dtype == torch.float32
     (ours.sum() if ours.dim() else ours).backward()
-    _close(ours, ref)
-    _close(x.grad, ref_in.grad)
+    torch_in = x64.float().requires_grad_(True)  # plain torch in float32: the yardstick
+    theirs = torch.nn.KLDivLoss(reduction=reduction)(torch_in, (tgt.exp() if log_target else tgt).float())
+    (theirs.sum() if theirs.dim() else theirs).backward()
+    n = 1 if reduction == "none" else x64.numel()
+    assert_within_torch_error(ours, ref, theirs, summands=n, what=f"kl_div {backend} {reduction}")
+    assert_within_torch_error(x.grad, ref_in.grad, torch_in.grad, what=f"kl_div grad {backend} {reduction}")
     mod = fdnn.KLDivLoss(reduction=reduction, log_target=log_target)
     _close(mod(x.detach(), tgt.float().to(DEVICE)), ref)
 
@@ -413,9 +435,9 @@ def test_kl_div_errors():
         FD.kl_div(torch.randn(2, 3), torch.rand(2, 4))
 
 
-def test_reference_matches_torch_kl_div():
+def test_reference_matches_torch_kl_div(seed):
     """The reference's forward KL is torch's KLDivLoss on log-softmaxed logits (sanity of the yardstick)."""
-    s, t, _ = _inputs((7, 19), dtype=torch.float64)
+    s, t, _ = _inputs((7, 19), seed, dtype=torch.float64)
     ours = R.distill_loss(s, t, temperature=2.0, reduction="batchmean")
     theirs = F.kl_div(F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), reduction="batchmean", log_target=True) * 4
     _close(ours, theirs, atol=1e-12, rtol=1e-12)

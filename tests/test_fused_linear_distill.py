@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DEVICE, available_backends
+from conftest import DEVICE, assert_within_torch_error, available_backends, generator, known_precision_defect
 
 import fastdistill.functional as FD
 from fastdistill import nn as fdnn
@@ -21,9 +21,9 @@ BACKENDS = available_backends(DEVICE, cpp_op="distill_loss_rows", cuda_op="disti
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _problem(N=41, Hs=24, Ht=40, Vs=401, Vt=389, k=9, dtype=torch.float64, bias=True, ignore_every=4, seed=0):
-    """Fresh random inputs: ragged N, Hs != Ht, a padding-style Vs != Vt, biases, some ignored rows."""
-    g = torch.Generator().manual_seed(seed)
+def _problem(seed, N=41, Hs=24, Ht=40, Vs=401, Vt=389, k=9, dtype=torch.float64, bias=True, ignore_every=4):
+    """Fresh random inputs from ``seed``: ragged N, Hs != Ht, a padding-style Vs != Vt, biases, some ignored rows."""
+    g = generator(seed)
 
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(DEVICE, dtype)
@@ -67,9 +67,35 @@ def _run(fn, p, teacher, **kw):
 
 
 def _close(got, want, rtol=2e-5, atol=2e-6):
-    for g, w in zip(got, want):
-        assert g is not None and torch.isfinite(g).all()
-        torch.testing.assert_close(g.double(), w.double(), rtol=rtol, atol=atol)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g is not None and torch.isfinite(g).all(), f"output {i}: {g}"
+        torch.testing.assert_close(g.double(), w.double(), rtol=rtol, atol=atol, msg=lambda m, i=i: f"output {i}: {m}")
+
+
+OUTPUTS = ("loss", "grad student_hidden", "grad student_weight", "grad student_bias")
+
+
+def _upcast(x):
+    """float64 copy of a problem / teacher argument (tensors, tuples of tensors, dicts), indices untouched."""
+    if isinstance(x, dict):
+        return {k: _upcast(v) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_upcast(v) for v in x)
+    return x.double() if torch.is_tensor(x) and x.is_floating_point() else x
+
+
+def _check(p, teacher, *, backend, chunk_size, **kw):
+    """The fused loss and its gradients on float32 inputs vs the float64 reference (materialized logits), within the
+    suite's factor of the same reference run in float32 (plain torch's own error; conftest)."""
+    assert p["xs"].dtype == torch.float32
+    want = _run(fused_linear_distill_loss_ref, _upcast(p), _upcast(teacher), **kw)
+    torch_fp32 = _run(fused_linear_distill_loss_ref, p, teacher, **kw)
+    got = _run(FD.fused_linear_distill_loss, p, teacher, chunk_size=chunk_size, backend=backend, **kw)
+    summands = p["xs"].shape[0] * p["ws"].shape[0] if got[0].dim() == 0 else p["ws"].shape[0]
+    what = [f"{o} ({backend}, {kw})" for o in OUTPUTS][: len(got)]
+    assert_within_torch_error(got[:1], want[:1], torch_fp32[:1], summands=summands, what=what[:1])
+    assert_within_torch_error(got[1:], want[1:], torch_fp32[1:], what=what[1:])
+    return got
 
 
 def _teacher(p, mode, T):
@@ -90,17 +116,28 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("divergence, mode, backend", CASES, ids=["-".join(c) for c in CASES])
-def test_matches_reference(divergence, mode, backend):
+# make test-stress: every case but the dense ones in the Triton interpreter (the same row kernel as distill_loss,
+# stressed there); the top-k kernels are Triton-only and stay in
+# measured: with the soft term alone (hard_weight = 0), the top-k tail-bucket gradients of student hidden / weight are
+# 2.5x (median) to 4x plain torch's fp32 error (torch backend, N=29, V=300, T=2, 8 seeds; the renormalized top-k and
+# dense paths stay within 1.4x; with a CE term, as in test_matches_reference, the cases pass)
+BUCKET_DEFECT = known_precision_defect("top-k tail-bucket gradient 2.5-4x plain torch's fp32 error (issue 9)")
+
+
+def _case_marks(divergence, mode, backend):
+    return [] if (mode == "dense" and backend == "triton") else [pytest.mark.stress]
+
+
+@pytest.mark.parametrize(
+    "divergence, mode, backend", [pytest.param(*c, id="-".join(c), marks=_case_marks(*c)) for c in CASES]
+)
+def test_matches_reference(divergence, mode, backend, seed):
     # ragged N; fewer rows for the Triton interpreter (every program is a Python loop there)
     N = 19 if (backend == "triton" and DEVICE.type == "cpu") else 41
-    p = _problem(N=N, seed=DIVERGENCES.index(divergence))
+    p = _problem(seed, N=N, dtype=torch.float32)
     T = 1.7
     kw = dict(divergence=divergence, beta=0.3, temperature=T, hard_weight=0.4, soft_weight=0.8)
-    teacher = _teacher(p, mode, T)
-    want = _run(fused_linear_distill_loss_ref, p, teacher, **kw)
-    got = _run(FD.fused_linear_distill_loss, p, teacher, chunk_size=8, backend=backend, **kw)
-    _close(got, want)
+    _check(p, _teacher(p, mode, T), backend=backend, chunk_size=8, **kw)
 
 
 DENSE_CE_CASES = [(d, b) for d in ("forward_kl", "reverse_kl", "jsd") for b in BACKENDS if b != "cuda"]
@@ -109,7 +146,7 @@ DENSE_CE_CASES = [(d, b) for d in ("forward_kl", "reverse_kl", "jsd") for b in B
 @pytest.mark.parametrize("T", [1.0, 1.7], ids=["T1", "T1.7"])
 @pytest.mark.parametrize("Vt", [401, 419], ids=["Vt_eq_Vs", "Vt_gt_Vs"])
 @pytest.mark.parametrize("divergence, backend", DENSE_CE_CASES, ids=["-".join(c) for c in DENSE_CE_CASES])
-def test_dense_hard_term_fused_into_row_kernel(divergence, backend, Vt, T, monkeypatch):
+def test_dense_hard_term_fused_into_row_kernel(divergence, backend, Vt, T, monkeypatch, seed):
     """hard_weight > 0 with a dense teacher covering the student's vocabulary: CE goes through the row kernel's fused
     term (the separate CE pass must not run) and matches the float64 reference."""
     import fastdistill.ops.fused_linear_distill as fld
@@ -119,12 +156,11 @@ def test_dense_hard_term_fused_into_row_kernel(divergence, backend, Vt, T, monke
 
     monkeypatch.setattr(fld, "_ce_rows_and_grad", no_separate_ce_pass)
     N = 19 if (backend == "triton" and DEVICE.type == "cpu") else 41
-    p = _problem(N=N, Vs=401, Vt=Vt, seed=31)
+    p = _problem(seed, N=N, Vs=401, Vt=Vt, dtype=torch.float32)
     kw = dict(divergence=divergence, beta=0.3, temperature=T, hard_weight=0.4, soft_weight=0.8)
     teacher = _teacher(p, "dense", T)
-    want = _run(fused_linear_distill_loss_ref, p, teacher, **kw)
-    got = _run(FD.fused_linear_distill_loss, p, teacher, chunk_size=8, backend=backend, **kw)
-    _close(got, want)
+    _check(p, teacher, backend=backend, chunk_size=8, **kw)
+    p, teacher = _upcast(p), _upcast(teacher)
     parts_kw = dict(kw, return_parts=True)
     args = (p["xs"], p["ws"])
     parts = FD.fused_linear_distill_loss(
@@ -147,18 +183,17 @@ def test_dense_hard_term_fused_into_row_kernel(divergence, backend, Vt, T, monke
     ids=["sum-ce-only", "none-T2", "jsd-beta0", "T0.5-no-t2"],
 )
 @pytest.mark.parametrize("mode", ["dense", "topk_bucket"])
-def test_reductions_weights_temperature(case, mode, backend):
+def test_reductions_weights_temperature(case, mode, backend, seed, request):
+    if mode == "topk_bucket" and case["hard_weight"] == 0:
+        request.applymarker(BUCKET_DEFECT)
     if mode != "dense" and backend not in ("torch", "triton"):
         pytest.skip("the top-k step runs its torch version on this backend (covered by backend=torch)")
-    p = _problem(N=29, Vs=300, Vt=300, bias=False, ignore_every=3, seed=7)
-    teacher = _teacher(p, mode, case["temperature"])
-    want = _run(fused_linear_distill_loss_ref, p, teacher, **case)
-    got = _run(FD.fused_linear_distill_loss, p, teacher, chunk_size=16, backend=backend, **case)
-    _close(got, want)
+    p = _problem(seed, N=29, Vs=300, Vt=300, bias=False, ignore_every=3, dtype=torch.float32)
+    _check(p, _teacher(p, mode, case["temperature"]), backend=backend, chunk_size=16, **case)
 
 
-def test_topk_values_logits_renormalize_equals_logprobs():
-    p = _problem(N=17, seed=3)
+def test_topk_values_logits_renormalize_equals_logprobs(seed):
+    p = _problem(seed, N=17)
     T = 2.0
     kw = dict(temperature=T, divergence="jsd", beta=0.5)
     a = FD.fused_linear_distill_loss(p["xs"], p["ws"], teacher_topk=_topk(p, T, "logits"), topk_values="logits", **kw)
@@ -166,9 +201,9 @@ def test_topk_values_logits_renormalize_equals_logprobs():
     torch.testing.assert_close(a, b)
 
 
-def test_topk_full_vocabulary_equals_dense():
+def test_topk_full_vocabulary_equals_dense(seed):
     """k = V: both tail modes are the dense divergence (the tail is empty)."""
-    p = _problem(N=13, Vs=64, Vt=64, k=64, bias=False, seed=5)
+    p = _problem(seed, N=13, Vs=64, Vt=64, k=64, bias=False)
     T = 1.5
     wt = p["ws"] * 1.3
     dense_logits = torch.nn.functional.linear(p["xt"][:, : p["xs"].shape[1]], wt)
@@ -184,9 +219,9 @@ def test_topk_full_vocabulary_equals_dense():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_vocab_padding_excluded_not_zero_padded():
+def test_vocab_padding_excluded_not_zero_padded(seed):
     """Extra teacher columns with huge logits change nothing: they are outside both softmaxes."""
-    p = _problem(N=11, Vs=200, Vt=200, bias=True, seed=9)
+    p = _problem(seed, N=11, Vs=200, Vt=200, bias=True)
     wt_pad = torch.cat([p["wt"], torch.zeros(56, p["wt"].shape[1], dtype=p["wt"].dtype)])
     bt_pad = torch.cat([p["bt"], torch.full((56,), 50.0, dtype=p["bt"].dtype)])
     a = FD.fused_linear_distill_loss(p["xs"], p["ws"], p["xt"], p["wt"], teacher_bias=p["bt"])
@@ -194,8 +229,8 @@ def test_vocab_padding_excluded_not_zero_padded():
     torch.testing.assert_close(a, b)
 
 
-def test_shapes_noncontiguous_labels_none_and_parts():
-    p = _problem(N=24, bias=False, seed=11)
+def test_shapes_noncontiguous_labels_none_and_parts(seed):
+    p = _problem(seed, N=24, bias=False)
     x = p["xs"].t().contiguous().t()  # non-contiguous [N, Hs] view
     assert not x.is_contiguous()
     kw = dict(hard_weight=0.3, soft_weight=0.7, return_parts=True)
@@ -211,8 +246,8 @@ def test_shapes_noncontiguous_labels_none_and_parts():
     torch.testing.assert_close(a.reshape(-1).double(), b, rtol=2e-5, atol=2e-6)
 
 
-def test_all_ignored_and_auto_chunk():
-    p = _problem(N=9, seed=13)
+def test_all_ignored_and_auto_chunk(seed):
+    p = _problem(seed, N=9)
     labels = torch.full_like(p["labels"], -100)
     xs = p["xs"].clone().requires_grad_()
     ws = p["ws"].clone().requires_grad_()
@@ -223,9 +258,9 @@ def test_all_ignored_and_auto_chunk():
     assert c & (c - 1) == 0 and 16 <= c <= 4096
 
 
-def test_float32_and_tied_embedding_module():
+def test_float32_and_tied_embedding_module(seed):
     """float32 inputs against the float64 reference; an embedding used as the lm_head gets both gradients."""
-    p = _problem(N=32, Vs=300, Vt=300, bias=False, ignore_every=0, seed=17)
+    p = _problem(seed, N=32, Vs=300, Vt=300, bias=False, ignore_every=0)
     emb = torch.nn.Embedding(300, 24, dtype=torch.float32).to(DEVICE)
     tokens = torch.randint(0, 300, (32,), device=DEVICE)
     loss_fn = fdnn.FusedLinearDistillLoss(divergence="jsd", hard_weight=0.5, soft_weight=0.5, temperature=2.0)
@@ -249,25 +284,23 @@ def test_float32_and_tied_embedding_module():
     torch.testing.assert_close(emb.weight.grad.double(), emb64.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_bf16_accum_fp32_no_worse_than_torch():
-    p = _problem(N=64, Vs=256, Vt=256, bias=False, ignore_every=0, seed=19)
+def test_bf16_accum_fp32_no_worse_than_torch(seed):
+    p = _problem(seed, N=64, Vs=256, Vt=256, bias=False, ignore_every=0)
     ref = _run(fused_linear_distill_loss_ref, p, _teacher(p, "dense", 1.0), hard_weight=0.5)
     lp = {k: (v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in p.items()}
     torch_bf16 = _run(fused_linear_distill_loss_ref, lp, _teacher(lp, "dense", 1.0), hard_weight=0.5)
     ours = _run(
         FD.fused_linear_distill_loss, lp, _teacher(lp, "dense", 1.0), hard_weight=0.5, accum_fp32=True, chunk_size=16
     )
-    for o, t, r in zip(ours, torch_bf16, ref):
-        err_o = (o.double() - r).abs().max().item()
-        err_t = (t.double() - r).abs().max().item()
-        assert err_o <= 2 * err_t + 1e-3, (err_o, err_t)
+    assert_within_torch_error(ours[:1], ref[:1], torch_bf16[:1], summands=64 * 256, what=["loss"])
+    assert_within_torch_error(ours[1:], ref[1:], torch_bf16[1:], what=list(OUTPUTS[1:3]))
 
 
-def test_bad_inputs():
-    p = _problem(N=8, Vs=100, Vt=100, seed=23)
+def test_bad_inputs(seed):
+    p = _problem(seed, N=8, Vs=100, Vt=100)
     xs, ws, xt, wt = p["xs"], p["ws"], p["xt"], p["wt"]
     f = FD.fused_linear_distill_loss
-    with pytest.raises(ValueError, match="Vs=100 and teacher vocabulary Vt=400"):
+    with pytest.raises(ValueError, match="Vs=100 and Vt=400"):
         f(xs, ws, xt, torch.randn(400, xt.shape[1], dtype=xt.dtype, device=DEVICE))
     with pytest.raises(ValueError, match="teacher_weight requires grad"):
         f(xs, ws, xt, wt.clone().requires_grad_())
@@ -338,8 +371,8 @@ def test_torch_compile_fullgraph(mode):
     torch.testing.assert_close(head.weight.grad, g_eager)
 
 
-def test_opcheck():
-    p = _problem(N=12, Vs=50, Vt=50, k=4, dtype=torch.float32, seed=29)
+def test_opcheck(seed):
+    p = _problem(seed, N=12, Vs=50, Vt=50, k=4, dtype=torch.float32)
     base = dict(
         divergence=0,
         beta=0.5,
@@ -381,11 +414,12 @@ def test_benchmark_smoke(tmp_path):
     assert "fastdistill" in out.stdout
 
 
-@pytest.mark.parametrize("mode", ["dense", "topk_bucket"])
-def test_vocabulary_over_65536(mode):
-    p = _problem(N=5, Hs=8, Ht=8, Vs=70001, Vt=70001, k=6, bias=False, ignore_every=3, seed=31)
-    teacher = _teacher(p, mode, 1.3)
+LARGE_V_CASES = [(m, b) for m in ("dense", "topk_bucket") for b in BACKENDS if b != "triton" or DEVICE.type == "cuda"]
+
+
+@pytest.mark.stress
+@pytest.mark.parametrize("mode, backend", LARGE_V_CASES, ids=["-".join(c) for c in LARGE_V_CASES])
+def test_vocabulary_over_65536(mode, backend, seed):
+    p = _problem(seed, N=5, Hs=8, Ht=8, Vs=70001, Vt=70001, k=6, bias=False, ignore_every=3, dtype=torch.float32)
     kw = dict(temperature=1.3, hard_weight=0.5, divergence="jsd")
-    want = _run(fused_linear_distill_loss_ref, p, teacher, **kw)
-    got = _run(FD.fused_linear_distill_loss, p, teacher, **kw)
-    _close(got, want)
+    _check(p, _teacher(p, mode, 1.3), backend=backend, chunk_size=None, **kw)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, available_backends
+from conftest import DEVICE, assert_close, available_backends
 
 import fastdistill.functional as FD
 from fastdistill import reference as R
@@ -72,8 +72,8 @@ def _triton(s, t, labels, grad_output=None, **kw):
     return loss.detach(), s.grad
 
 
-def _close(a, b, *, atol=2e-6, rtol=2e-5, msg=""):
-    torch.testing.assert_close(a.double().cpu(), b.double().cpu(), atol=atol, rtol=rtol, equal_nan=True, msg=msg)
+def _close(a, b, *, atol=2e-6, rtol=2e-5, msg=None):
+    assert_close(a, b, atol=atol, rtol=rtol, equal_nan=True, msg=msg)  # keeps torch's report, prefixed by msg
 
 
 def _rows_reference(s, t, divergence, temperature=1.0, loss_scale=1.0, grad_scale=1.0):

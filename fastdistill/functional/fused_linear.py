@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fastdistill.divergences import DIVERGENCES, REDUCTIONS
 from fastdistill.functional._autocast import autocast_dtype
-from fastdistill.functional._checks import FLOAT_DTYPES, check_choice, check_frozen, check_range, check_tensor
+from fastdistill.functional._checks import (
+    INDEX_DTYPES,
+    check_choice,
+    check_device,
+    check_frozen,
+    check_label_values,
+    check_labels,
+    check_range,
+    check_real,
+    check_same,
+    check_temperature,
+    check_tensor,
+    check_topk_indices,
+    check_vocab,
+)
 from fastdistill.ops import distill_loss as _dl
 from fastdistill.ops import fused_linear_distill as _op
-
-INDEX_DTYPES = (torch.int64, torch.int32)
-
-
-def vocab_prefix_ok(v_student: int, v_teacher: int) -> bool:
-    """A vocabulary mismatch is accepted as padding when the sizes differ by at most max(128, 2% of the larger)."""
-    diff = abs(v_student - v_teacher)
-    return diff <= max(128, int(0.02 * max(v_student, v_teacher)))
 
 
 def _check_matrix(name: str, w, rows_name: str, cols: int | None, cols_name: str) -> None:
@@ -80,9 +84,9 @@ def fused_linear_distill_loss(
     backward does no matmul and only O(chunk x V) memory is used. Rows whose label is ``ignore_index`` are dropped
     before any matmul. CE is over the student's full vocabulary at temperature 1, from the same chunk logits.
 
-    Vocabulary padding: when ``Vs != Vt`` differ by at most max(128, 2%) (e.g. 151936 vs 152064), the divergence runs
-    over the common prefix ``[:min(Vs, Vt)]``, the extra columns excluded from *both* softmaxes (never zero-padded);
-    a larger mismatch is an error.
+    Vocabulary padding: when ``Vs != Vt`` differ by at most max(128, 2%) (e.g. 151936 vs 152064; the same rule as
+    :func:`fastdistill.functional.distill_loss`), the divergence runs over the common prefix ``[:min(Vs, Vt)]``, the
+    extra columns excluded from *both* softmaxes (never zero-padded); a larger mismatch is an error.
 
     Sparse teachers: ``teacher_topk=(values, indices)`` replaces the dense teacher. The divergence is taken over k + 1
     buckets (the k teacher tokens and a tail "every other token"); the student side uses its full softmax over Vs
@@ -96,8 +100,9 @@ def fused_linear_distill_loss(
 
     ``topk_values`` says what ``values`` hold: ``"logprobs"`` (default), the teacher's log-probs *at the distillation
     temperature*, ``log_softmax(z_t / T).topk(k)`` (cache them at the T you train with), or ``"logits"``, raw teacher
-    logits (divided by T here; ``"renormalize"`` only, since the tail mass is unknown from logits). Indices must be
-    distinct within a row and lie in [0, Vs).
+    logits (divided by T here; ``"renormalize"`` only, since the tail mass is unknown from logits). Indices (any
+    integer dtype) must be distinct within a row and lie in [0, Vs); both are checked (one sort of the [N, k]
+    indices; skipped under torch.compile).
 
     Args:
         student_hidden: final student hidden states, float32 / bfloat16 / float16, ``[N, Hs]`` or ``[B, T, Hs]``.
@@ -106,8 +111,8 @@ def fused_linear_distill_loss(
             grad.
         teacher_weight: teacher lm_head ``[Vt, Ht]``; must not require grad. Teacher logits are cast to the student
             dtype.
-        labels: token labels ``[N]`` / ``[B, T]``; needed for ``hard_weight != 0``; rows equal to ``ignore_index`` are
-            excluded from both terms and from the normalisation.
+        labels: token labels ``[N]`` / ``[B, T]`` (any integer dtype); needed for ``hard_weight != 0``; rows equal
+            to ``ignore_index`` are excluded from both terms and from the normalisation.
         teacher_topk: ``(values, indices)``, both ``[N, k]`` / ``[B, T, k]``, instead of teacher_hidden/weight.
         student_bias / teacher_bias: optional lm_head biases ``[Vs]`` / ``[Vt]``.
         divergence, beta, temperature: as in :func:`fastdistill.functional.distill_loss`.
@@ -148,13 +153,10 @@ def fused_linear_distill_loss(
     Hs = student_hidden.shape[-1]
     _check_matrix("student_weight", student_weight, "Vs", Hs, "Hs")
     compute_dtype = autocast_dtype(student_hidden.device)  # under autocast the matmuls cast, as F.linear's do
-    if student_weight.device != student_hidden.device or (
-        compute_dtype is None and student_weight.dtype != student_hidden.dtype
-    ):
-        raise ValueError(
-            f"student_weight is {student_weight.dtype} on {student_weight.device} but student_hidden is "
-            f"{student_hidden.dtype} on {student_hidden.device}; expected the same dtype and device"
-        )
+    if compute_dtype is None:
+        check_same("student_weight", student_weight, "student_hidden", student_hidden, shape=False)
+    else:  # autocast casts both operands of each matmul: only the device must agree
+        check_device("student_weight", student_weight, student_hidden.device, "student_hidden")
     Vs = student_weight.shape[0]
     if Vs == 0:
         raise ValueError("student_weight has an empty vocabulary dimension (Vs = 0); expected Vs >= 1")
@@ -163,17 +165,14 @@ def fused_linear_distill_loss(
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("topk_tail", topk_tail, _op.TOPK_TAILS)
     check_choice("topk_values", topk_values, _op.TOPK_VALUES)
-    check_range("beta", float(beta), 0.0, 1.0)
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature={temperature!r} is invalid; expected a finite number > 0")
-    for name, w in (("hard_weight", hard_weight), ("soft_weight", soft_weight)):
-        if not (isinstance(w, (int, float)) and math.isfinite(w)):
-            raise ValueError(f"{name}={w!r} is invalid; expected a finite number")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    beta = check_range("beta", beta, 0.0, 1.0)
+    temperature = check_temperature(temperature)
+    hard_weight = check_real("hard_weight", hard_weight)
+    soft_weight = check_real("soft_weight", soft_weight)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size={chunk_size!r} is invalid; expected None or a positive int")
     N = lead_shape.numel()
     device = student_hidden.device
-    compiling = torch.compiler.is_compiling()
 
     dense = teacher_hidden is not None or teacher_weight is not None
     if dense and teacher_topk is not None:
@@ -199,22 +198,13 @@ def fused_linear_distill_loss(
                 "row per student row)"
             )
         _check_matrix("teacher_weight", teacher_weight, "Vt", teacher_hidden.shape[-1], "Ht")
-        for name, t in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
-            if t.device != device:
-                raise ValueError(f"{name} is on {t.device} but student_hidden is on {device}; expected the same device")
-        if compute_dtype is None and teacher_weight.dtype != teacher_hidden.dtype:
-            raise ValueError(
-                f"teacher_weight has dtype {teacher_weight.dtype} but teacher_hidden has dtype {teacher_hidden.dtype}; "
-                "expected the same dtype"
-            )
-        Vt = teacher_weight.shape[0]
-        if Vt != Vs and not vocab_prefix_ok(Vs, Vt):
-            raise ValueError(
-                f"student vocabulary Vs={Vs} and teacher vocabulary Vt={Vt} differ by {abs(Vs - Vt)}; only padding "
-                "mismatches (at most max(128, 2%) extra rows, e.g. 151936 vs 152064) are supported: the divergence "
-                "then runs over the common prefix. Map the vocabularies first for different tokenizers"
-            )
-        _check_bias("teacher_bias", teacher_bias, Vt, teacher_weight)
+        check_device("teacher_hidden", teacher_hidden, device, "student_hidden")
+        if compute_dtype is None:
+            check_same("teacher_weight", teacher_weight, "teacher_hidden", teacher_hidden, shape=False)
+        else:
+            check_device("teacher_weight", teacher_weight, device, "student_hidden")
+        check_vocab(Vs, teacher_weight.shape[0])
+        _check_bias("teacher_bias", teacher_bias, teacher_weight.shape[0], teacher_weight)
         teacher_hidden = teacher_hidden.reshape(N, teacher_hidden.shape[-1])
     elif teacher_topk is not None:
         if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
@@ -228,15 +218,14 @@ def fused_linear_distill_loss(
                 f"teacher_topk values {tuple(values.shape)} and indices {tuple(indices.shape)}; expected both "
                 f"{tuple(lead_shape)} + (k,) with k >= 1"
             )
-        for name, t in (("teacher_topk values", values), ("teacher_topk indices", indices)):
-            if t.device != device:
-                raise ValueError(f"{name} is on {t.device} but student_hidden is on {device}; expected the same device")
+        check_device("teacher_topk values", values, device, "student_hidden")
+        check_device("teacher_topk indices", indices, device, "student_hidden")
         if topk_tail == "bucket" and topk_values == "logits":
             raise ValueError(
                 "topk_tail='bucket' needs topk_values='logprobs' (the teacher's log-probs at temperature T): the tail "
                 "mass 1 - sum(p) is unknown from top-k logits. Use topk_tail='renormalize' for logits"
             )
-        canon = _dl.canonical_divergence(_dl.DIVERGENCE_ID[divergence], float(beta))
+        canon = _dl.canonical_divergence(_dl.DIVERGENCE_ID[divergence], beta)
         if topk_tail == "renormalize" and soft_weight != 0 and canon == _dl.DIVERGENCE_ID["reverse_kl"]:
             raise ValueError(
                 f"divergence={divergence!r} (beta={beta}) against a renormalized top-k teacher is infinite (the "
@@ -244,31 +233,12 @@ def fused_linear_distill_loss(
             )
         values = values.reshape(N, values.shape[-1])
         indices = indices.reshape(N, indices.shape[-1]).long()
-        if N and not compiling and (int(indices.min()) < 0 or int(indices.max()) >= Vs):
-            raise ValueError(
-                f"teacher_topk indices lie in [{int(indices.min())}, {int(indices.max())}]; expected [0, Vs={Vs})"
-            )
-    if labels is not None:
-        if not isinstance(labels, torch.Tensor) or labels.dtype not in INDEX_DTYPES + (torch.int16, torch.uint8):
-            raise ValueError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
-        if labels.numel() != N or (labels.dim() > 1 and labels.shape != lead_shape):
-            raise ValueError(f"labels has shape {tuple(labels.shape)}; expected {tuple(lead_shape)} or ({N},)")
-        if labels.device != device:
-            raise ValueError(
-                f"labels is on {labels.device} but student_hidden is on {device}; expected the same device"
-            )
-        labels = labels.reshape(N).long()
-        if hard_weight != 0 and not compiling:  # value checks need a host sync; skipped under torch.compile
-            lab = labels[labels != ignore_index]
-            if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= Vs):
-                raise ValueError(
-                    f"labels lie in [{int(lab.min())}, {int(lab.max())}] (ignore_index={ignore_index} excluded); "
-                    f"expected [0, Vs={Vs})"
-                )
-    elif hard_weight != 0:
+        check_topk_indices("teacher_topk indices", indices, Vs)
+    labels = check_labels("labels", labels, lead_shape, device, "the hidden states' leading shape")
+    if labels is None and hard_weight != 0:
         raise ValueError(f"hard_weight={hard_weight} needs labels; pass labels or set hard_weight=0")
-    if student_hidden.dtype not in FLOAT_DTYPES:  # pragma: no cover - check_tensor already rejects
-        raise ValueError(f"student_hidden has dtype {student_hidden.dtype}")
+    if labels is not None and hard_weight != 0:
+        check_label_values("labels", labels, ignore_index, Vs, "Vs")
 
     grad_on = torch.is_grad_enabled()
     need_x = grad_on and student_hidden.requires_grad

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fastdistill.divergences import DIVERGENCES, REDUCTIONS
@@ -14,7 +12,9 @@ from fastdistill.functional._checks import (
     check_labels,
     check_range,
     check_same,
+    check_temperature,
     check_tensor,
+    check_vocab,
 )
 from fastdistill.ops import distill_loss as _op
 from fastdistill.ops import kl_div as _kl_op
@@ -57,15 +57,21 @@ def distill_loss(
     nothing of size [N, V] kept but the gradient itself); backward only scales it by ``grad_output``. The teacher gets
     no gradient. Math is in float32 whatever the input dtype, and the loss is float32. Under ``torch.autocast`` it
     behaves as torch's own losses (which autocast runs in float32): logits of two different dtypes are both cast to
-    float32 first; a same-dtype pair is read as it is (the kernels convert on load, which is the same thing).
+    float32 first; a same-dtype pair is read as it is (the kernels convert on load, which is the same thing). Double
+    backward (differentiating the gradient, e.g. after ``torch.autograd.grad(..., create_graph=True)``) is not
+    supported and raises an error; use ``fastdistill.reference.distill_loss`` (plain autograd) for higher orders.
 
     Args:
         student_logits: student logits, float32 / bfloat16 / float16.
-        teacher_logits: teacher logits, same shape, dtype and device; must not require grad.
-        labels: optional token labels; rows whose label is ``ignore_index`` are excluded.
+        teacher_logits: teacher logits, same shape, dtype and device; must not require grad. The vocabulary sizes may
+            differ by padding (at most max(128, 2%) entries, e.g. 32000 vs 32064; the rule of every fastdistill loss):
+            the divergence then runs over the common prefix, the extra entries excluded from both softmaxes (a
+            student's extra entries get gradient 0).
+        labels: optional token labels (any integer dtype); rows whose label is ``ignore_index`` are excluded.
         divergence: one of ``forward_kl``, ``reverse_kl``, ``jsd``, ``tvd``, ``skew_forward_kl``, ``skew_reverse_kl``.
         beta: JSD weight / skew alpha, in [0, 1].
-        temperature: softmax temperature T > 0 applied to both models.
+        temperature: softmax temperature T > 0 applied to both models (any real number: Python, numpy or a
+            one-element tensor; it gets no gradient).
         ignore_index: label value of rows to skip.
         reduction: ``batchmean`` (sum over valid rows / number of valid rows in the whole input; 0 when none are
             valid), ``sum``, or ``none`` (per row, shape ``[...]``, 0 for ignored rows).
@@ -86,18 +92,24 @@ def distill_loss(
     check_tensor("student_logits", student_logits)
     check_tensor("teacher_logits", teacher_logits)
     student_logits, teacher_logits = float32_pair(student_logits, teacher_logits)  # autocast: see _autocast.py
-    check_same("student_logits", student_logits, "teacher_logits", teacher_logits)
+    check_same("student_logits", student_logits, "teacher_logits", teacher_logits, shape=False)
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(
+            f"student_logits has shape {tuple(student_logits.shape)} but teacher_logits has shape "
+            f"{tuple(teacher_logits.shape)}; expected the same shape (the vocabulary dimension may differ by padding)"
+        )
     check_frozen("teacher_logits", teacher_logits)
     check_choice("divergence", divergence, DIVERGENCES)
     check_choice("reduction", reduction, REDUCTIONS)
-    check_range("beta", float(beta), 0.0, 1.0)
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature={temperature!r} is invalid; expected a finite number > 0")
+    beta = check_range("beta", beta, 0.0, 1.0)
+    temperature = check_temperature(temperature)
     if student_logits.shape[-1] == 0:
         raise ValueError("student_logits has an empty vocabulary dimension (V = 0); expected V >= 1")
-    check_labels("labels", labels, student_logits.shape[:-1], student_logits.device)
-    if labels is not None:
-        labels = labels.reshape(-1).long()
+    v_common = check_vocab(student_logits.shape[-1], teacher_logits.shape[-1])
+    labels = check_labels("labels", labels, student_logits.shape[:-1], student_logits.device)
+    if v_common != student_logits.shape[-1] or v_common != teacher_logits.shape[-1]:
+        # padding mismatch: both softmaxes over the common prefix; the student's extra entries get gradient 0
+        student_logits, teacher_logits = student_logits[..., :v_common], teacher_logits[..., :v_common]
     div_id = _op.DIVERGENCE_ID[divergence]
     resolved = _op.resolve_backend(student_logits.device, backend)
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad

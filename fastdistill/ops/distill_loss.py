@@ -30,9 +30,8 @@ import math
 import torch
 
 from fastdistill import _backend
-from fastdistill.divergences import DIVERGENCE_ID, DIVERGENCES, REDUCTION_ID, canonical_divergence
-from fastdistill.ops._autograd import is_exactly_one
-from fastdistill.reference import divergence_rows
+from fastdistill.divergences import DIVERGENCE_ID, REDUCTION_ID, canonical_divergence
+from fastdistill.ops._autograd import is_exactly_one, reject_double_backward
 
 __all__ = ["DIVERGENCE_ID", "REDUCTION_ID", "canonical_divergence", "distill_loss_rows", "resolve_backend"]
 
@@ -42,43 +41,11 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     return _backend.choose_backend(device, cpp_op="distill_loss_rows", backend=backend)
 
 
-def _student_grad_torch(s: torch.Tensor, t: torch.Tensor, divergence: int, beta: float) -> torch.Tensor:
-    """Closed-form d D / d (student logits / T) for log-probabilities s, t [N, V] (fp32).
+def _rows_torch(*args):
+    """Torch fallback of the row contract (fastdistill/ops/distill_loss_ref.py: blockwise, no extra [N, V] copies)."""
+    from fastdistill.ops.distill_loss_ref import distill_loss_rows_torch
 
-    For D(p_s) with a_j = dD/dp_s,j the softmax chain rule gives g = p_s * (a - sum_k p_s,k a_k); the KLs simplify.
-    Entries where the student probability is 0 get 0 (masked vocabulary).
-    """
-    ps, pt = s.exp(), t.exp()
-    if divergence == DIVERGENCE_ID["forward_kl"]:
-        return ps - pt
-    zero = torch.zeros_like(s)
-    keep = ps > 0
-    if divergence == DIVERGENCE_ID["reverse_kl"]:
-        a = torch.where(keep, s - t, zero)
-    elif divergence == DIVERGENCE_ID["tvd"]:
-        a = 0.5 * torch.sign(ps - pt)
-    else:
-        both = keep | (pt > 0)
-        s_, t_ = torch.where(both, s, zero), torch.where(both, t, zero)
-        if divergence == DIVERGENCE_ID["jsd"]:
-            log_m = torch.logaddexp(s_ + math.log1p(-beta), t_ + math.log(beta))
-            a = (1 - beta) * torch.where(keep, s_ - log_m, zero)
-        elif divergence == DIVERGENCE_ID["skew_forward_kl"]:  # m = beta p_t + (1 - beta) p_s
-            if beta == 1.0:
-                return zero
-            log_m = t_ if beta == 0.0 else torch.logaddexp(t_ + math.log(beta), s_ + math.log1p(-beta))
-            a = -(1 - beta) * torch.exp(t_ - log_m) * (pt > 0)
-        else:  # skew_reverse_kl: m = beta p_s + (1 - beta) p_t
-            if beta == 1.0:  # the table's "zero": exactly, not sum(ps) - 1 rounded
-                return zero
-            log_m = (
-                s_
-                if beta == 1.0
-                else (t_ if beta == 0.0 else torch.logaddexp(s_ + math.log(beta), t_ + math.log1p(-beta)))
-            )
-            a = torch.where(keep, s_ - log_m - beta * torch.exp(s_ - log_m), zero)
-    a = torch.where(keep, a, zero)
-    return ps * (a - (ps * a).sum(-1, keepdim=True))
+    return distill_loss_rows_torch(*args)
 
 
 def check_scales(labels: torch.Tensor | None, soft_scale: float, ce_scale: float) -> None:
@@ -88,44 +55,6 @@ def check_scales(labels: torch.Tensor | None, soft_scale: float, ce_scale: float
             raise ValueError(f"{name}={value} is not finite; expected a finite value")
     if ce_scale != 0 and labels is None:
         raise ValueError(f"ce_scale={ce_scale} needs labels (the cross-entropy targets), got labels=None")
-
-
-def _rows_torch(
-    student,
-    teacher,
-    labels,
-    grad_scale,
-    divergence,
-    beta,
-    temperature,
-    ignore_index,
-    loss_scale,
-    need_grad,
-    ce_scale=0.0,
-    soft_scale=1.0,
-):
-    """Torch fallback of the row contract: loss from the reference, gradient in closed form (fp32 temporaries)."""
-    check_scales(labels, soft_scale, ce_scale)
-    s = torch.log_softmax(student.float() / temperature, dim=-1)
-    t = torch.log_softmax(teacher.float() / temperature, dim=-1)
-    rows = divergence_rows(student.float(), teacher.float(), DIVERGENCES[divergence], beta, temperature) * loss_scale
-    valid = None if labels is None else (labels != ignore_index)
-    if valid is not None:
-        rows = torch.where(valid, rows, torch.zeros_like(rows))
-    ce_rows = rows.new_empty(0)
-    if ce_scale != 0:
-        log_p1 = s if temperature == 1.0 else torch.log_softmax(student.float(), dim=-1)
-        target = torch.where(valid, labels, torch.zeros_like(labels))[:, None].long()
-        ce_rows = torch.where(valid, -log_p1.gather(1, target).squeeze(1), torch.zeros_like(rows))
-    if not need_grad:
-        return rows, student.new_empty(0), ce_rows
-    grad = _student_grad_torch(s, t, divergence, beta) * (grad_scale * (soft_scale * loss_scale / temperature))
-    if ce_scale != 0:
-        ce_grad = log_p1.exp().scatter_add_(1, target, torch.full_like(target, -1.0, dtype=torch.float32))
-        grad = grad + ce_grad * (grad_scale * ce_scale)
-    if valid is not None:
-        grad = torch.where(valid[:, None], grad, torch.zeros_like(grad))
-    return rows, grad.to(student.dtype), ce_rows
 
 
 def distill_loss_rows(
@@ -241,6 +170,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, _grad_grad):
+    reject_double_backward("distill_loss", grad_loss)
     (grad,) = ctx.saved_tensors
     if grad.numel() == 0 and len(ctx.student_shape) and ctx.student_shape.numel() != 0:
         raise RuntimeError("distill_loss was run with need_grad=False; its student gradient was not computed")

@@ -43,7 +43,7 @@ import torch
 
 from fastdistill import _backend
 from fastdistill.ops import distill_loss as _dl
-from fastdistill.ops._autograd import is_exactly_one
+from fastdistill.ops._autograd import is_exactly_one, reject_double_backward
 from fastdistill.reference import DIVERGENCES, divergence_rows
 
 DIVERGENCE_ID = _dl.DIVERGENCE_ID
@@ -690,6 +690,7 @@ def _scale(grad: torch.Tensor, grad_loss: torch.Tensor, reduction: int) -> torch
 
 
 def _backward(ctx, grad_loss, _g_ce, _g_soft, _g_x, _g_w, _g_b):
+    reject_double_backward("fused_linear_distill_loss", grad_loss)
     gx, gw, gb = ctx.saved_tensors
     gx = _scale(gx, grad_loss, ctx.reduction) if gx.numel() else None
     gw = _scale(gw, grad_loss, ctx.reduction).to(ctx.weight_dtype) if gw.numel() else None
