@@ -260,6 +260,8 @@ def _check_named(key: str, spec: dict, ds_names: tuple, torch_module: str, torch
     params = spec.get("params")
     if params is not None and not isinstance(params, dict):
         raise ConfigError(f"{key}.params: expected a mapping of keyword arguments, got {params!r}")
+
+
 def _check_cache(out: dict) -> None:
     c = out["cache"]
     if c["k"] < 1:
