@@ -36,14 +36,17 @@ if ROOT not in sys.path:
 DEFAULT_CSV = os.path.join(ROOT, "benchmarks", "results", "triton_aot.csv")
 # shared memory a block may use (opt-in maximum), bytes
 MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}
-FIELDS = ["kernel", "arch", "launch", "config", "num_warps", "registers", "smem_bytes", "spill_bytes", "stack_bytes"]
+FIELDS = [
+    "kernel", "arch", "launch", "config", "num_warps", "registers", "smem_bytes", "spill_bytes", "stack_bytes", "ld_v4",
+    "ld_b16", "known_spill",
+]  # fmt: skip
 
 BF16_V = 128256  # a Llama-3 vocabulary: the launchers' largest GPU tiles
 
 
 # ------------------------------------------------------------------------------------------------------------- specs
-# One entry per launch regime: (name, function that calls one launcher on fake CUDA tensors). Keep in step with the
-# launchers' signatures; block sizes and warps are the launchers' own.
+# One entry per launch regime: (name, function that calls one launcher on fake CUDA tensors, extra checks). Keep in
+# step with the launchers' signatures; block sizes and warps are the launchers' own.
 def _distill_loss(divergence: str, *, V=BF16_V, labels=True, grad=True, ce=0.0, temperature=2.0, dtype="bfloat16"):
     def call(torch):
         from fastdistill.ops.distill_loss import DIVERGENCE_ID, canonical_divergence
@@ -102,28 +105,38 @@ def _topk(K: int, *, soft: bool, ce: bool, V=BF16_V):
     return call
 
 
+# Known register spills, reported in the CSV and not failed on (each is an open defect; a spill not listed fails).
+# fp32 inputs use exact fp32 dots (input_precision="ieee": FMA, no tensor cores); at the launcher's 64 x 64 / 64 x 32
+# tiles they spill KBs per thread on sm_80 and sm_90 (dk even at 32 x 32 and 16 x 32 tiles, measured on sm_90).
+FP32_ATTENTION = {
+    "known_spills": {
+        k: "fp32 'ieee' dots spill at every tile tried"
+        for k in ("attention_distill_fwd_kernel", "attention_distill_dq_kernel", "attention_distill_dk_kernel")
+    }
+}
+VEC = {"vector_loads": True}  # bf16 rows must be read with 16-byte vector loads (one scalar read: the label's logit)
 SPECS = [
     # distillation-loss row kernel: every divergence on the training path (labels + gradient), 4096-wide tiles
-    *[(f"distill_loss {d} V={BF16_V}", _distill_loss(d)) for d in
+    *[(f"distill_loss {d} bf16 V={BF16_V}", _distill_loss(d), VEC) for d in
       ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")],
-    ("distill_loss forward_kl eval (no labels, no grad)", _distill_loss("forward_kl", labels=False, grad=False)),
-    ("distill_loss forward_kl + fused CE (T=1, shared stats)", _distill_loss("forward_kl", ce=1.0, temperature=1.0)),
-    ("distill_loss jsd + fused CE (T=2)", _distill_loss("jsd", ce=0.5)),
-    ("distill_loss forward_kl fp32 V=32000", _distill_loss("forward_kl", V=32000, dtype="float32")),
-    ("distill_loss forward_kl V=2000 (2048 tile)", _distill_loss("forward_kl", V=2000)),
-    ("distill_loss forward_kl V=1000 (1024 tile)", _distill_loss("forward_kl", V=1000)),
+    ("distill_loss forward_kl eval (no labels, no grad)", _distill_loss("forward_kl", labels=False, grad=False), VEC),
+    ("distill_loss forward_kl + fused CE (T=1)", _distill_loss("forward_kl", ce=1.0, temperature=1.0), VEC),
+    ("distill_loss jsd + fused CE (T=2)", _distill_loss("jsd", ce=0.5), VEC),
+    ("distill_loss forward_kl fp32 V=32000", _distill_loss("forward_kl", V=32000, dtype="float32"), {}),
+    ("distill_loss forward_kl V=2000 (2048 tile)", _distill_loss("forward_kl", V=2000), VEC),
+    ("distill_loss forward_kl V=1000 (1024 tile)", _distill_loss("forward_kl", V=1000), {}),
     # kl_div row kernel
-    ("kl_div log_target grad", _kl_div(True, True)),
-    ("kl_div prob target no grad", _kl_div(False, False)),
+    ("kl_div log_target grad", _kl_div(True, True), VEC),
+    ("kl_div prob target no grad", _kl_div(False, False), VEC),
     # attention distillation: forward + dq + dk; head sizes <= 64 and > 64 take different tiles
-    ("attention bf16 d=64 causal", _attention("bfloat16", 64, 64, mask=False, causal=True)),
-    ("attention bf16 ds=128 dt=64 mask", _attention("bfloat16", 128, 64, mask=True, causal=False)),
-    ("attention fp32 d=64 mask causal", _attention("float32", 64, 64, mask=True, causal=True)),
-    ("attention fp32 d=128 causal", _attention("float32", 128, 128, mask=False, causal=True)),
+    ("attention bf16 d=64 causal", _attention("bfloat16", 64, 64, mask=False, causal=True), {}),
+    ("attention bf16 ds=128 dt=64 mask", _attention("bfloat16", 128, 64, mask=True, causal=False), {}),
+    ("attention fp32 d=64 mask causal", _attention("float32", 64, 64, mask=True, causal=True), FP32_ATTENTION),
+    ("attention fp32 d=128 causal", _attention("float32", 128, 128, mask=False, causal=True), FP32_ATTENTION),
     # sparse top-k term of the fused lm-head loss: the membership tile is [BLOCK_V, BLOCK_K]
-    ("topk K=64 soft + CE", _topk(64, soft=True, ce=True)),
-    ("topk K=8 soft", _topk(8, soft=True, ce=False)),
-    ("topk K=256 soft + CE", _topk(256, soft=True, ce=True)),
+    ("topk K=64 soft + CE", _topk(64, soft=True, ce=True), {}),
+    ("topk K=8 soft", _topk(8, soft=True, ce=False), {}),
+    ("topk K=256 soft + CE", _topk(256, soft=True, ce=True), {}),
 ]  # fmt: skip
 
 
@@ -153,6 +166,12 @@ class _Driver:
 class _Launch:
     def __init__(self, spec: str, name: str, kernel, grid, args, kwargs):
         self.spec, self.name, self.kernel, self.grid, self.args, self.kwargs = spec, name, kernel, grid, args, kwargs
+
+
+def _global_loads(ptx: str) -> tuple[int, int]:
+    """(16-byte vector loads, scalar 16-bit loads) from global memory in a kernel's PTX."""
+    loads = re.findall(r"ld\.global[\w:.]*", ptx)
+    return sum(ld.endswith(".v4.b32") for ld in loads), sum(ld.endswith(".b16") for ld in loads)
 
 
 def _capture(spec_name: str, call) -> list[_Launch]:
@@ -261,7 +280,7 @@ def compile_arch(arch: int) -> list[dict]:
     saved = driver._active
     driver.set_active(_Driver(arch))
     try:
-        for spec_name, call in SPECS:
+        for spec_name, call, checks in SPECS:
             for launch in _capture(spec_name, call):
                 start = time.perf_counter()
                 compiled = launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.kwargs)
@@ -271,6 +290,7 @@ def compile_arch(arch: int) -> list[dict]:
                     continue
                 seen.add(key)
                 res = _resources(compiled.asm["cubin"])
+                vec, b16 = _global_loads(compiled.asm["ptx"])
                 smem = max(int(compiled.metadata.shared), res["static_shared"])
                 rows.append(
                     {
@@ -283,7 +303,11 @@ def compile_arch(arch: int) -> list[dict]:
                         "smem_bytes": smem,
                         "spill_bytes": res["local"],
                         "stack_bytes": res["stack"],
+                        "ld_v4": vec,
+                        "ld_b16": b16,
                         "_ptx_local": ".local" in compiled.asm["ptx"],
+                        "known_spill": checks.get("known_spills", {}).get(launch.name, ""),
+                        "_checks": checks,
                         "_seconds": round(seconds, 2),
                     }
                 )
@@ -309,8 +333,12 @@ def problems(rows: list[dict]) -> list[str]:
     out = []
     for r in rows:
         where = f"{r['kernel']} {r['arch']} [{r['config']}] ({r['launch']})"
-        if r["spill_bytes"] or r["stack_bytes"] or r["_ptx_local"]:
+        spills = r["spill_bytes"] or r["stack_bytes"] or r["_ptx_local"]
+        known = r["_checks"].get("known_spills", {}).get(r["kernel"])
+        if spills and not known:
             out.append(f"{where}: spills ({r['spill_bytes']} B local, {r['stack_bytes']} B stack per thread)")
+        if r["_checks"].get("vector_loads") and (r["ld_v4"] == 0 or r["ld_b16"] > 1):
+            out.append(f"{where}: rows not read with 16-byte vector loads ({r['ld_v4']} vector, {r['ld_b16']} scalar)")
         limit = MAX_SHARED.get(int(r["arch"][3:]))
         if limit is not None and r["smem_bytes"] > limit:
             out.append(f"{where}: {r['smem_bytes']} B shared memory > {limit} B available on {r['arch']}")
@@ -350,6 +378,11 @@ def main(argv=None) -> int:
             w.writeheader()
             w.writerows(rows)
         print(f"wrote {args.csv}")
+    for r in rows:
+        known = r["_checks"].get("known_spills", {}).get(r["kernel"])
+        if known:
+            state = f"{r['stack_bytes']} B stack" if r["stack_bytes"] or r["spill_bytes"] else "NO LONGER SPILLS"
+            print(f"known spill: {r['kernel']} {r['arch']} ({r['launch']}): {state} ({known})")
     bad = problems(rows)
     for p in bad:
         print("FAIL", p, file=sys.stderr)
