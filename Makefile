@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export DS_BUILD_OPS := 0
 PYTEST_ARGS ?=
 
-.PHONY: all install ext test demo bench bench-trainer gpu-check nvcc-check lint clean
+.PHONY: all install ext test demo bench bench-trainer gpu-check nvcc-check triton-aot lint clean
 
 all: test
 
@@ -67,6 +67,10 @@ gpu-check: install
 	$(PY) benchmarks/bench_distill_loss.py --preset gpu
 	$(PY) benchmarks/bench_fused_linear_distill.py --preset gpu
 	$(PY) benchmarks/bench_attention_distill.py --preset gpu
+
+# every Triton kernel compiled for sm_80 and sm_90 without a GPU: registers / shared memory / spills to a CSV
+triton-aot: install
+	$(PY) benchmarks/triton_aot.py --csv benchmarks/results/triton_aot.csv
 
 # compile-only check of the CUDA sources with the machine's nvcc (skipped where there is none)
 nvcc-check: install

