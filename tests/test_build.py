@@ -203,6 +203,7 @@ def _triton_kernels() -> set[str]:
     return names
 
 
+@pytest.mark.slow
 @pytest.mark.cpu_only
 def test_every_triton_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
     """The interpreter accepts code that the compiler rejects (e.g. non-constexpr globals), and register pressure
