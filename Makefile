@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export DS_BUILD_OPS := 0
 PYTEST_ARGS ?=
 
-.PHONY: all install ext test test-stress demo demo-cache bench bench-trainer gpu-check lint clean data-weak-labels demo-weak-labels demo-socratic
+.PHONY: all install ext test test-stress demo demo-cache bench bench-trainer gpu-check triton-aot lint clean data-weak-labels demo-weak-labels demo-socratic
 
 all: test
 
@@ -116,6 +116,10 @@ gpu-check: install
 	$(PY) benchmarks/bench_distill_loss.py --preset gpu
 	$(PY) benchmarks/bench_fused_linear_distill.py --preset gpu
 	$(PY) benchmarks/bench_attention_distill.py --preset gpu
+
+# every Triton kernel compiled for sm_80 and sm_90 without a GPU: registers / shared memory / spills to a CSV
+triton-aot: install
+	$(PY) benchmarks/triton_aot.py --csv benchmarks/results/triton_aot.csv
 
 lint:
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -2,14 +2,16 @@
 time).
 
 Environment:
-    FASTDISTILL_SKIP_EXT=1     build no extension (everything falls back to Triton / the torch reference)
+    FASTDISTILL_SKIP_EXT=1     build no extension now (and, when also set at run time, none on first use either)
     MAX_JOBS                   parallel compile jobs (ninja)
 
-The extension needs torch at build time: install with ``pip install --no-build-isolation .`` (or ``-e .``). Without
-torch importable in the build environment (pip's default isolated build), the package installs without ``_C``.
+The extension is built here when torch is importable in the build environment (``pip install --no-build-isolation .``
+or ``-e .``). In pip's default isolated build there is no torch: the package then installs without ``_C`` and ships
+its C++ sources (``fastdistill/csrc``), which ``fastdistill/_jit_ext.py`` compiles against the installed torch on first
+use (once, cached). The flags of both builds come from ``fastdistill/_build.py``.
 """
 
-import glob
+import importlib.util
 import os
 import sys
 
@@ -18,26 +20,34 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "0") == "1"
+def _load_build_spec():
+    """fastdistill/_build.py by path: importing the package would import torch, which the build env may lack."""
+    spec = importlib.util.spec_from_file_location("_fastdistill_build", os.path.join(ROOT, "fastdistill", "_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+B = _load_build_spec()
 
 
 def extensions():
-    if _flag("FASTDISTILL_SKIP_EXT"):
+    if B.env_flag("FASTDISTILL_SKIP_EXT"):
         return [], {}
     try:
-        import torch
+        import torch  # noqa: F401  (the extension is built against the torch of this environment)
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
-        print("fastdistill: torch is not importable at build time; building without fastdistill._C", file=sys.stderr)
+        print(
+            "fastdistill: torch is not importable at build time (pip's isolated build); installing without "
+            "fastdistill._C: it is compiled against your torch on first use",
+            file=sys.stderr,
+        )
         return [], {}
-    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cpp = B.sources("csrc")
     if not cpp:
         return [], {}
-    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    cxx = ["-O3", "-std=c++20", "-march=x86-64-v2", "-ffast-math", "-fno-finite-math-only"] + openmp
-    if os.uname().machine != "x86_64":
-        cxx.remove("-march=x86-64-v2")
+    cxx, openmp = B.cxx_flags(), B.openmp_flags()
     ext = CppExtension("fastdistill._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=openmp)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
@@ -53,9 +63,11 @@ setup(
     else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["fastdistill", "fastdistill.*"]) + ["fastdistill.kernels"],
-    package_dir={"fastdistill.kernels": "kernels"},
-    install_requires=["torch>=2.4", "numpy", "pyyaml", "tqdm", "triton; platform_system == 'Linux'"],
+    packages=find_packages(include=["fastdistill", "fastdistill.*"]) + ["fastdistill.kernels", "fastdistill.csrc"],
+    # the C++ sources ship inside the package (fastdistill/csrc) for the just-in-time build of _C on first use
+    package_dir={"fastdistill.kernels": "kernels", "fastdistill.csrc": "csrc"},
+    package_data={"fastdistill.csrc": ["*.cpp", "*.cu", "*.h", "*.cuh"]},
+    install_requires=["torch>=2.4", "numpy", "pyyaml", "tqdm", "ninja", "triton; platform_system == 'Linux'"],
     extras_require={
         "triton": ["triton"],
         "dev": ["pytest", "pytest-timeout", "expecttest", "matplotlib", "ruff", "triton"],

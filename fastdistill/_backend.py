@@ -26,21 +26,31 @@ _warned = False
 
 @cache
 def load_extension():
-    """Return the compiled ``fastdistill._C`` module, or None when it was not built (one warning, once)."""
+    """Return the compiled ``fastdistill._C`` module, or None when it is not available (one warning, once).
+
+    When the install did not build it (pip's isolated build has no torch) or it was built against another torch,
+    it is compiled on first use against the loaded torch and cached (``fastdistill/_jit_ext.py``); the fallback
+    (CPU ops on the pure-torch backend, CUDA ops on Triton) is only for machines without a compiler / ninja, a failed
+    build, or ``FASTDISTILL_SKIP_EXT=1`` / ``FASTDISTILL_DISABLE_EXT=1``.
+    """
     if os.environ.get("FASTDISTILL_DISABLE_EXT", "0") == "1":
         _warn_once(
-            "FASTDISTILL_DISABLE_EXT=1: fastdistill._C is ignored; CPU ops use the pure-torch reference and CUDA ops "
-            "use Triton."
+            "FASTDISTILL_DISABLE_EXT=1: fastdistill._C is ignored; CPU ops use the pure-torch backend ('torch') and "
+            "CUDA ops use Triton ('triton')."
         )
         return None
     try:
         ext = importlib.import_module("fastdistill._C")
-    except ImportError as err:  # not built (FASTDISTILL_SKIP_EXT=1, no compiler) or ABI mismatch
-        _warn_once(
-            f"fastdistill._C is not available ({err}); CPU ops use the pure-torch reference and CUDA ops use "
-            "Triton. Build it with `pip install --no-build-isolation -e .`."
-        )
-        return None
+    except ImportError as err:  # not built at install time, or built against another torch (ABI mismatch)
+        from fastdistill import _jit_ext
+
+        ext, why = _jit_ext.load_or_build()
+        if ext is None:
+            _warn_once(
+                f"fastdistill._C is not available ({why}; import error: {err}); CPU ops use the pure-torch backend "
+                "('torch') and CUDA ops use Triton ('triton')."
+            )
+            return None
     importlib.import_module("fastdistill.ops._extension_fakes")  # fake impls of the C++ ops (needs them loaded)
     return ext
 
@@ -139,6 +149,7 @@ def describe() -> str:
     """A one-line summary of what is available, for logs and benchmark rows."""
     ext = load_extension()
     parts = [f"torch {torch.__version__}"]
-    parts.append("_C: " + ("built" if ext is not None else "missing"))
+    origin = "jit" if ext is not None and getattr(ext, "__name__", "") != "fastdistill._C" else "built"
+    parts.append("_C: " + (origin if ext is not None else "missing"))
     parts.append("triton: " + ("yes" if triton_available() else "no") + (" (interpret)" if triton_interpret() else ""))
     return ", ".join(parts)

@@ -79,3 +79,128 @@ def test_fake_impls_registered():
         assert ce.shape == (4,) and ce.dtype == torch.float32
         rows, grad = torch.ops.fastdistill.kl_div_rows(s, t, torch.ones(1), False, False)
         assert rows.shape == (4,) and grad.numel() == 0
+
+
+# ---------------------------------------------------------------------------- just-in-time build: the fallbacks
+# (the build itself, from a plain `pip install .` in a fresh venv, is tests/test_packaging.py)
+_BLOCK_C = """
+import sys, warnings
+class _Block:  # as if the install had not built fastdistill._C
+    def find_spec(self, name, path=None, target=None):
+        if name == "fastdistill._C":
+            raise ImportError("No module named 'fastdistill._C' (blocked by the test)")
+sys.meta_path.insert(0, _Block())
+warnings.simplefilter("always")
+import torch
+from fastdistill import _backend
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    choice = _backend.choose_backend(torch.device("cpu"), cpp_op="distill_loss_rows")
+    _backend.choose_backend(torch.device("cpu"), cpp_op="distill_loss_rows")
+msgs = [str(w.message) for w in caught if "fastdistill._C" in str(w.message)]
+print("choice=" + choice)
+print("warnings=%d" % len(msgs))
+for m in msgs:
+    print("warning: " + m)
+"""
+
+
+def _run_blocked(tmp_path, **env):
+    full = {k: v for k, v in os.environ.items() if not k.startswith("FASTDISTILL_")}
+    full.update(FASTDISTILL_EXT_DIR=str(tmp_path / "ext"), **env)
+    out = subprocess.run(
+        [sys.executable, "-c", _BLOCK_C], capture_output=True, text=True, cwd=ROOT, env=full, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_jit_build_without_a_compiler_falls_back_with_one_warning(tmp_path):
+    out = _run_blocked(tmp_path, CXX="fastdistill-no-such-compiler")
+    assert "choice=torch" in out and "warnings=1" in out, out
+    assert "no C++ compiler" in out and "fastdistill-no-such-compiler" in out and "'torch'" in out, out
+    assert not (tmp_path / "ext").exists() or not any((tmp_path / "ext").rglob("*.so"))
+
+
+def test_jit_build_failure_is_reported_and_remembered(tmp_path):
+    """A compiler that fails: one warning with the reason and the log's path; the next process does not retry."""
+    fake = tmp_path / "bin" / "failing-c++"
+    fake.parent.mkdir()
+    fake.write_text(  # answers torch's version probe, fails every compile
+        '#!/bin/sh\ncase "$*" in *--version*|*-dumpversion*|*-dumpfullversion*) exec c++ "$@";; esac\n'
+        "echo 'fatal error: simulated compiler failure' >&2\nexit 1\n"
+    )
+    fake.chmod(0o755)
+    out = _run_blocked(tmp_path, CXX=str(fake))
+    assert "choice=torch" in out and "warnings=1" in out, out
+    assert "just-in-time build failed (" in out and "build-failed.log" in out, out
+    (log,) = (tmp_path / "ext").rglob("build-failed.log")
+    assert "simulated compiler failure" in log.read_text()
+    again = _run_blocked(tmp_path, CXX=str(fake))
+    assert "failed before" in again and str(log) in again, again
+
+
+def test_skip_ext_at_run_time_builds_nothing(tmp_path):
+    out = _run_blocked(tmp_path, FASTDISTILL_SKIP_EXT="1")
+    assert "choice=torch" in out and "FASTDISTILL_SKIP_EXT=1" in out, out
+    assert not (tmp_path / "ext").exists()
+
+
+# ------------------------------------------------------------------------------------- GPU code generation, no GPU
+def _triton_kernels() -> set[str]:
+    """Every launchable Triton kernel in kernels/: the public @triton.jit functions (helpers start with '_')."""
+    import ast
+
+    names = set()
+    for path in glob.glob(os.path.join(ROOT, "kernels", "*.py")):
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+                if any("jit" in ast.unparse(d) for d in node.decorator_list):
+                    names.add(node.name)
+    return names
+
+
+@pytest.mark.slow
+@pytest.mark.cpu_only
+def test_every_triton_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
+    """The interpreter accepts code that the compiler rejects (e.g. non-constexpr globals), and register pressure
+    only shows in real code generation: benchmarks/triton_aot.py compiles every kernel, at the block sizes and warps
+    its launcher picks, for sm_80 and sm_90 (no GPU: Triton ships ptxas) and fails on spills, on shared memory over the
+    architecture's limit, and on bf16 rows not read with 16-byte vector loads."""
+    import csv
+
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this triton install has no bundled ptxas")
+    out_csv = tmp_path / "triton_aot.csv"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(ROOT, "benchmarks", "triton_aot.py")
+    out = subprocess.run(
+        [sys.executable, script, "--arch", "80", "90", "--csv", str(out_csv)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    with open(out_csv) as f:
+        rows = list(csv.DictReader(f))
+    expected = _triton_kernels()
+    assert len(expected) >= 7, expected
+    for arch in ("sm_80", "sm_90"):
+        compiled = {r["kernel"] for r in rows if r["arch"] == arch}
+        assert expected <= compiled, f"{arch}: no SPECS entry in benchmarks/triton_aot.py for {expected - compiled}"
+    for r in rows:
+        # the script fails on spills; only the documented ones (known_spill, an open defect) may remain
+        assert r["known_spill"] or (int(r["spill_bytes"]) == 0 and int(r["stack_bytes"]) == 0), r
+        assert 0 < int(r["registers"]) <= 255, r
+    # every kernel has a spill-free configuration on each architecture (the known spills are regimes, not kernels)
+    for kernel in expected:
+        for arch in ("sm_80", "sm_90"):
+            assert any(
+                r["kernel"] == kernel and r["arch"] == arch and int(r["stack_bytes"]) == int(r["spill_bytes"]) == 0
+                for r in rows
+            ), (kernel, arch)

@@ -11,10 +11,11 @@ from fastdistill import _backend
 def _blocks(d_max: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps). The interpreter runs every tile in numpy: small blocks keep tests quick and
     still cross tile edges at L ~ 70; on the GPU 64 x 64 tiles (64 x 32 for head sizes over 64, where four
-    [BLOCK, D] operand tiles plus two score tiles must fit shared memory)."""
+    [BLOCK, D] operand tiles plus two score tiles must fit shared memory), the latter with 8 warps: with 4 the dk
+    kernel spills registers at head size 128 (benchmarks/triton_aot.py, sm_90)."""
     if _backend.triton_interpret():
         return 32, 16, 4
-    return (64, 64, 4) if d_max <= 64 else (64, 32, 4)
+    return (64, 64, 4) if d_max <= 64 else (64, 32, 8)
 
 
 def _strides(x: torch.Tensor) -> tuple[int, int, int, int]:
