@@ -3,6 +3,7 @@ namespace."""
 
 from __future__ import annotations
 
+import glob
 import os
 import subprocess
 import sys
