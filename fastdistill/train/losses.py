@@ -50,13 +50,18 @@ class DistillLoss(nn.Module):
         self.attention_layers = dict(self.attention["layer_map"]) if self.attention else {}
 
     # -- lm-head terms --------------------------------------------------------------------------------------------
-    def _lm_head_fused(self, hs, ws, ht, wt, labels):
+    def _lm_head_fused(self, hs, ws, ht, wt, labels, topk=None):
+        sparse = {}
+        if topk is not None:  # a top-k record: the fused sparse path (the k tokens + the tail bucket)
+            ht = wt = None
+            sparse = dict(teacher_topk=topk, topk_tail=self.kd.get("topk_tail", "bucket"), topk_values="logprobs")
         loss, ce, kd = FD.fused_linear_distill_loss(
             hs,
             ws,
             ht,
             wt,
             labels,
+            **sparse,
             divergence=self.kd["divergence"],
             beta=self.kd["beta"],
             temperature=self.kd["temperature"],
@@ -94,9 +99,20 @@ class DistillLoss(nn.Module):
         student_states=None,
         teacher_states=None,
     ):
-        hs, ht, labels_flat = _flat(student_hidden), _flat(teacher_hidden), labels.reshape(-1)
+        hs, labels_flat = _flat(student_hidden), labels.reshape(-1)
+        topk = None
+        if isinstance(teacher_hidden, dict):  # a top-k teacher record (from a teacher pool)
+            ht = None
+            topk = (_flat(teacher_hidden["values"]), _flat(teacher_hidden["indices"]))
+        else:
+            ht = _flat(teacher_hidden)
+            if self.kd.get("topk") and self.soft_weight:  # colocated top-k: the same record, computed here
+                from fastdistill.train.pools import teacher_topk
+
+                rec = teacher_topk(ht, teacher_weight, self.kd["topk"], self.kd["temperature"])
+                topk = (rec["values"], rec["indices"])
         if self.impl == "fused":
-            loss, parts = self._lm_head_fused(hs, student_weight, ht, teacher_weight, labels_flat)
+            loss, parts = self._lm_head_fused(hs, student_weight, ht, teacher_weight, labels_flat, topk)
         else:
             loss, parts = self._lm_head_unfused(hs, student_weight, ht, teacher_weight, labels_flat)
         # positions that count: valid labels for hint (per token); whole real rows for the sequence-level maps

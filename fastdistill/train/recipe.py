@@ -316,22 +316,11 @@ def perplexity(batches, teacher, student, teacher_weight) -> tuple[float, float 
 # ---------------------------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------------------------
-def run(cfg: dict) -> dict:
-    """Distil ``cfg`` (a resolved config); returns the summary rank 0 also writes to ``summary.json``."""
+def prepare_data(cfg: dict, rank: int):
+    """(tokenizer, train sequences, held-out sequences); rank 0 converts a GGUF teacher once into the cache while the
+    others wait."""
     import torch.distributed as dist
 
-    t_start = time.time()
-    if cfg["run"]["threads"]:
-        torch.set_num_threads(cfg["run"]["threads"])
-    rank, world = init_distributed()
-    out_dir = cfg["run"]["output_dir"]
-    os.makedirs(out_dir, exist_ok=True)
-    say = (lambda *a: print("fastdistill:", *a, flush=True)) if rank == 0 else (lambda *a: None)
-    sched, sds = cfg["schedule"], cfg["student"]["deepspeed"]
-    if rank == 0:
-        dump_config(cfg, os.path.join(out_dir, "config.yaml"))
-
-    # -- models and tokenizer: rank 0 converts a GGUF teacher once into the cache, the others wait ----------------
     t = cfg["teacher"]
     for name, gguf in ((t["model"], t["gguf_file"]), (cfg["data"]["tokenizer"], None)):
         if name and name not in ("teacher", "bytes") and (name in models.BUILTIN or name.endswith(".gguf") or gguf):
@@ -339,9 +328,6 @@ def run(cfg: dict) -> dict:
                 models.resolve_model_path(name, gguf)
     dist.barrier()
     tokenizer = models.load_tokenizer(cfg["data"]["tokenizer"], t["model"], t["gguf_file"])
-
-    # -- data ----------------------------------------------------------------------------------------------------
-    seed = cfg["run"]["seed"]
     sequences = data_lib.pack(data_lib.load_text(cfg["data"]["source"]), tokenizer, cfg["data"]["seq_len"])
     train_seqs, held_seqs = data_lib.split(
         sequences,
@@ -349,6 +335,37 @@ def run(cfg: dict) -> dict:
         cfg["data"]["max_train_sequences"],
         cfg["data"]["max_heldout_sequences"],
     )
+    return tokenizer, train_seqs, held_seqs
+
+
+def run(cfg: dict) -> dict:
+    """Distil ``cfg`` (a resolved config); returns the summary rank 0 also writes to ``summary.json``."""
+    import torch.distributed as dist
+
+    t_start = time.time()
+    if cfg["run"]["threads"]:
+        torch.set_num_threads(cfg["run"]["threads"])
+    plan = None  # with `pools`: this rank's pool, its own world, and the bridge to the teacher pool
+    if cfg.get("pools"):
+        from fastdistill.train import pools
+
+        plan = pools.PoolPlan(cfg)
+        if plan.is_teacher:
+            return pools.serve_teacher(cfg, plan)
+        cfg = plan.cfg  # this student pool's resolved config (its student, losses, output folder)
+        rank, world = plan.rank, plan.size
+    else:
+        rank, world = init_distributed()
+    out_dir = cfg["run"]["output_dir"]
+    os.makedirs(out_dir, exist_ok=True)
+    say = (lambda *a: print("fastdistill:", *a, flush=True)) if rank == 0 else (lambda *a: None)
+    sched, sds = cfg["schedule"], cfg["student"]["deepspeed"]
+    if rank == 0:
+        dump_config(cfg, os.path.join(out_dir, "config.yaml"))
+
+    # -- models, tokenizer and data -------------------------------------------------------------------------------
+    seed = cfg["run"]["seed"]
+    tokenizer, train_seqs, held_seqs = prepare_data(cfg, rank)
     sampler = data_lib.Sampler(train_seqs, sds["micro_batch_size"], rank, world, seed)
     held = data_lib.Sampler(held_seqs, sds["micro_batch_size"], rank, world, seed, shuffle=False)
     n_eval = (
@@ -362,24 +379,27 @@ def run(cfg: dict) -> dict:
 
     # -- teacher (sharded, frozen) then student (its own engine) ---------------------------------------------------
     torch.manual_seed(seed)
-    teacher, teacher_model = build_teacher(cfg, world)
-    teacher_weight = teacher_model.get_output_embeddings().weight
-    mem = teacher_memory(teacher_model, world)
-    all_mem = [None] * world
-    dist.all_gather_object(all_mem, mem)
-    if rank == 0:
-        with open(os.path.join(out_dir, "teacher_memory.json"), "w") as f:
-            json.dump({"per_rank": all_mem, "stage": cfg["teacher"]["deepspeed"]["stage"]}, f, indent=1)
-    say(
-        f"teacher: {mem['param_bytes_full'] / 2**20:.1f} MiB of parameters, {mem['param_bytes_held'] / 2**20:.1f} "
-        f"MiB held on rank 0 (ZeRO stage {cfg['teacher']['deepspeed']['stage']})"
-    )
-    teacher_hidden_size = teacher_model.config.hidden_size
-    if isinstance(tokenizer, data_lib.ByteTokenizer) and teacher_model.config.vocab_size < tokenizer.vocab_size:
-        raise ValueError(
-            f"data.tokenizer: 'bytes' needs a teacher vocabulary >= 256, the teacher has "
-            f"{teacher_model.config.vocab_size}"
+    if plan is None:
+        teacher, teacher_model = build_teacher(cfg, world)
+        teacher_weight = teacher_model.get_output_embeddings().weight
+        mem = teacher_memory(teacher_model, world)
+        all_mem = [None] * world
+        dist.all_gather_object(all_mem, mem)
+        if rank == 0:
+            with open(os.path.join(out_dir, "teacher_memory.json"), "w") as f:
+                json.dump({"per_rank": all_mem, "stage": cfg["teacher"]["deepspeed"]["stage"]}, f, indent=1)
+        say(
+            f"teacher: {mem['param_bytes_full'] / 2**20:.1f} MiB of parameters, {mem['param_bytes_held'] / 2**20:.1f} "
+            f"MiB held on rank 0 (ZeRO stage {cfg['teacher']['deepspeed']['stage']})"
         )
+        teacher_hidden_size, teacher_vocab = teacher_model.config.hidden_size, teacher_model.config.vocab_size
+    else:  # the teacher lives in its pool: sizes (and the lm_head for a `hidden` payload) come over the bridge
+        meta = plan.handshake()
+        teacher, teacher_weight, all_mem = None, meta["lm_head"], None
+        teacher_hidden_size, teacher_vocab = meta["hidden_size"], meta["vocab_size"]
+        teacher_model = plan.local_teacher() if cfg["student"]["init_from_teacher"] is not None else None
+    if isinstance(tokenizer, data_lib.ByteTokenizer) and teacher_vocab < tokenizer.vocab_size:
+        raise ValueError(f"data.tokenizer: 'bytes' needs a teacher vocabulary >= 256, the teacher has {teacher_vocab}")
 
     def make_loss(student_hidden_size: int) -> DistillLoss:
         return DistillLoss(cfg["losses"], cfg["run"]["loss_impl"], student_hidden_size, teacher_hidden_size)
@@ -393,24 +413,29 @@ def run(cfg: dict) -> dict:
 
     # -- resume --------------------------------------------------------------------------------------------------
     start_step = 0
-    where = resume_from(cfg)
+    where = resume_from(cfg) if plan is None else plan.resume_folder(plan.committed())
     if where is not None:
         start_step = load_checkpoint(student, where, rank, world)
         say(f"resumed from {where} at step {start_step}")
     metrics = Metrics(out_dir, cfg["logging"]["tensorboard"], start_step if where else None) if rank == 0 else None
 
     summary: dict = {"world_size": world, "start_step": start_step}
+    if plan is not None:
+        summary["pool"] = plan.pool
+        plan.start(start_step * sds["gradient_accumulation_steps"])
 
     # -- evaluation before training --------------------------------------------------------------------------------
     t0 = time.time()
     s_ppl, t_ppl = perplexity(eval_batches, teacher, student, teacher_weight)
     summary.update(student_ppl_before=s_ppl, teacher_ppl=t_ppl)
     say(
-        f"held-out perplexity at step {start_step}: student {s_ppl:.2f}, teacher {t_ppl:.2f} ({time.time() - t0:.1f} s)"
+        f"held-out perplexity at step {start_step}: student {s_ppl:.2f}"
+        + (f", teacher {t_ppl:.2f}" if t_ppl is not None else "")
+        + f" ({time.time() - t0:.1f} s)"
     )
     if metrics:
-        metrics.log(start_step, {"eval/student_ppl": s_ppl, "eval/teacher_ppl": t_ppl})
-    if os.environ.get("FASTDISTILL_DEBUG_DUMP"):
+        metrics.log(start_step, {"eval/student_ppl": s_ppl, **({"eval/teacher_ppl": t_ppl} if t_ppl else {})})
+    if os.environ.get("FASTDISTILL_DEBUG_DUMP") and teacher is not None:
         # test hook: the teacher's logits on the first held-out batch (small models only)
         with torch.no_grad():
             hidden, _ = teacher(eval_batches[0][0])
@@ -426,6 +451,8 @@ def run(cfg: dict) -> dict:
 
     ga = sds["gradient_accumulation_steps"]
     kill_at = int(os.environ.get("FASTDISTILL_FAULT_KILL_AT_STEP", "0"))  # test hook: SIGKILL mid-run
+    if plan is not None:
+        kill_at = pools.fault_hook(plan.pool, rank) or -1  # FASTDISTILL_FAULT_KILL=pool:rank:step
     bar = tqdm(
         total=sched["max_steps"],
         initial=start_step,
@@ -436,18 +463,23 @@ def run(cfg: dict) -> dict:
     tokens_per_step = sds["micro_batch_size"] * cfg["data"]["seq_len"] * world * ga
     step = start_step
     step_seconds: list[float] = []
+    wait_total = 0.0
     t_train = time.time()
     while step < sched["max_steps"]:
         t_step = time.time()
         t_teacher = t_student = 0.0
         sums: dict[str, float] = {}
         for a in range(ga):
-            input_ids, labels = sampler.batch(step * ga + a)
             t0 = time.perf_counter()
-            with torch.no_grad():
-                t_hidden, t_states = teacher(
-                    input_ids, output_hidden_states=needs_states, attention_layers=teacher_attention_layers
-                )
+            if plan is None:
+                input_ids, labels = sampler.batch(step * ga + a)
+                with torch.no_grad():
+                    t_hidden, t_states = teacher(
+                        input_ids, output_hidden_states=needs_states, attention_layers=teacher_attention_layers
+                    )
+            else:  # the teacher pool's record of this micro step (waits only if the teacher is behind)
+                input_ids, labels, t_hidden = plan.receive(step * ga + a)
+                t_states = None
             t1 = time.perf_counter()
             loss, parts = student(input_ids, labels, t_hidden, t_states)
             del t_hidden, t_states  # the teacher's activations are not needed for backward
@@ -474,13 +506,29 @@ def run(cfg: dict) -> dict:
                 "perf/student_s": t_student,
             }
         )
+        if plan is not None:
+            st = plan.take_stats()  # t_teacher is the wait for the teacher pool's records
+            row.update(
+                {
+                    "pools/wait_s": st["wait_s"],
+                    "pools/wait_fraction": st["wait_s"] / max(elapsed, 1e-9),
+                    "pools/teacher_lead": st["lead"],
+                    "pools/payload_bytes_per_token": plan.bytes_per_token,
+                }
+            )
+            wait_total += st["wait_s"]
         if metrics and step % sched["log_every"] == 0:
             metrics.log(step, row)
         bar.update(1)
         bar.set_postfix_str(
             " ".join(f"{k[6:]}={v:.4f}" for k, v in row.items() if k.startswith("train/") and k != "train/lr")
-            + f" tok/s={row['perf/tokens_per_s']:.0f} T/S={t_teacher / max(t_teacher + t_student, 1e-9):.0%}/"
-            f"{t_student / max(t_teacher + t_student, 1e-9):.0%}"
+            + f" tok/s={row['perf/tokens_per_s']:.0f} "
+            + (
+                f"T/S={t_teacher / max(t_teacher + t_student, 1e-9):.0%}/"
+                f"{t_student / max(t_teacher + t_student, 1e-9):.0%}"
+                if plan is None
+                else f"wait={row['pools/wait_fraction']:.0%} lead={row['pools/teacher_lead']:.1f}"
+            )
         )
         if sched["eval_every"] and step % sched["eval_every"] == 0 and step < sched["max_steps"]:
             s_ppl, _ = perplexity(eval_batches, None, student, teacher_weight)
@@ -490,7 +538,11 @@ def run(cfg: dict) -> dict:
                 metrics.log(step, {"eval/student_ppl": s_ppl})
         if sched["save_every"] and step % sched["save_every"] == 0 and step < sched["max_steps"]:
             save_checkpoint(student, cfg, step, rank, cfg["run"]["keep_checkpoints"])
-        if kill_at and step == kill_at and rank == 0:
+            if plan is not None:
+                plan.saved(step)
+        if plan is not None and step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if plan is None and kill_at and step == kill_at and rank == 0:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
     train_s = time.time() - t_train
@@ -516,19 +568,31 @@ def run(cfg: dict) -> dict:
         metrics.log(step, {"eval/student_ppl": s_ppl})
     if step > start_step or not os.path.isfile(os.path.join(out_dir, CHECKPOINTS, "latest")):
         save_checkpoint(student, cfg, step, rank, cfg["run"]["keep_checkpoints"])
+        if plan is not None:
+            plan.saved(step)
+    if plan is not None:
+        summary.update(
+            wait_seconds=wait_total,
+            wait_fraction=wait_total / max(train_s, 1e-9),
+            payload=plan.payload,
+            payload_bytes_per_token=plan.bytes_per_token,
+            teacher_records_received=plan.records_total,
+        )
     export_dir = os.path.join(out_dir, "student")
     export_student(student, tokenizer, export_dir, rank)
     summary.update(export_dir=export_dir, wall_seconds=time.time() - t_start)
+    teacher_note = f" (teacher {summary['teacher_ppl']:.2f})" if summary["teacher_ppl"] is not None else ""
     say(
-        f"held-out perplexity: student {summary['student_ppl_before']:.2f} -> {s_ppl:.2f} "
-        f"(teacher {summary['teacher_ppl']:.2f}); {step - start_step} steps in {train_s:.1f} s; "
-        f"student saved to {export_dir}"
+        f"held-out perplexity: student {summary['student_ppl_before']:.2f} -> {s_ppl:.2f}{teacher_note}; "
+        f"{step - start_step} steps in {train_s:.1f} s; student saved to {export_dir}"
     )
     if rank == 0:
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         metrics.close()
     dist.barrier()
+    if plan is not None:
+        plan.close()
     return summary
 
 
