@@ -11,8 +11,8 @@ Here they do not join one world. Instead:
 - one ``ProcessGroupGloo(PrefixStore("bridge", store), global_rank, W)`` carries the payloads, point to point only
   (:class:`Bridge` exposes no collective, so nothing world-scoped can ever run across pools).
 
-Every wait has a timeout. A heartbeat thread per rank refreshes a key in the store, so a wait that times out (or a
-connection closed by a crashed peer) is reported with the pool and rank that stopped, never as a hang.
+Every wait has a timeout (``pools.timeout_s``), and a :class:`Watchdog` per rank ends the job within
+``pools.dead_after_s`` of any rank's death, naming its pool and rank, never a hang.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class Bridge:
 
     ``describe(global_rank)`` names a rank as ``pool 'x' rank r (global g)`` in fault messages."""
 
-    def __init__(self, store, rank: int, size: int, timeout_s: float, describe, heartbeat: Heartbeat | None):
+    def __init__(self, store, rank: int, size: int, timeout_s: float, describe, heartbeat: Watchdog | None):
         self.rank, self.size, self.timeout_s, self.describe, self.heartbeat = rank, size, timeout_s, describe, heartbeat
         self.pg = torch.distributed.ProcessGroupGloo(
             torch.distributed.PrefixStore("bridge", store), rank, size, datetime.timedelta(seconds=timeout_s)
@@ -122,40 +122,169 @@ class Bridge:
         return pickle.loads(data.numpy().tobytes())
 
 
-class Heartbeat:
-    """Each rank refreshes ``hb/<rank>`` in the store every second from a daemon thread (its own store client);
-    ``stale()`` lists ranks whose key has not moved for ``3 x`` the period (dead or frozen)."""
+class Watchdog:
+    """Liveness across pools, independent of any collective. Each rank refreshes ``hb/<rank>`` in the store every
+    second from a daemon thread (its own store client) and checks the others: a rank silent for ``dead_after_s``
+    (SIGKILLed, OOM-killed, its node gone) ends this process with a message naming its pool and rank, so every node
+    of the launch stops within about ``dead_after_s`` instead of hanging in a collective. A rank that finishes marks
+    itself ``done``; rank 0 hosts the store and so waits for everyone's ``done`` before it exits.
 
-    def __init__(self, host: str, port: int, rank: int, size: int):
-        self.rank, self.size = rank, size
-        self._store = torch.distributed.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=10))
+    When the launcher SIGTERMs the survivors (one of its ranks exited abnormally), the main thread may be blocked in
+    a C++ wait where no Python signal handler runs; the signal's wakeup fd wakes a thread here instead, which names
+    the rank that stopped first and exits."""
+
+    def __init__(self, host: str, port: int, rank: int, size: int, dead_after_s: float, describe):
+        self.rank, self.size, self.dead_after_s, self.describe = rank, size, dead_after_s, describe
+        self._store = torch.distributed.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=30))
         self._stop = threading.Event()
         self._beat()
-        self._thread = threading.Thread(target=self._run, name="fastdistill-heartbeat", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._run, name="fastdistill-watchdog", daemon=True).start()
+        self._watch_sigterm()
 
     def _beat(self) -> None:
         self._store.set(f"hb/{self.rank}", str(time.time()))
+
+    def ages(self) -> dict[int, float]:
+        """Seconds since each other rank's last heartbeat (ranks not started yet or done are left out)."""
+        now, out = time.time(), {}
+        for r in range(self.size):
+            if r == self.rank or not self._store.check([f"hb/{r}"]):
+                continue
+            v = self._store.get(f"hb/{r}").decode()
+            if v != "done":
+                out[r] = now - float(v)
+        return out
+
+    def stale(self, after: float | None = None) -> list[int]:
+        try:
+            ages = self.ages()
+        except Exception:  # the store died with rank 0
+            return [0]
+        return sorted(r for r, a in ages.items() if a > (self.dead_after_s if after is None else after))
+
+    def _die(self, msg: str) -> None:
+        import sys
+
+        print(f"fastdistill: {msg}", file=sys.stderr, flush=True)
+        os._exit(1)
 
     def _run(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
                 self._beat()
-            except Exception:  # the store (rank 0) is gone: nothing left to report to
+            except Exception:
+                if not self._stop.is_set():
+                    self._die(
+                        f"pools: {self.describe(self.rank)}: lost the store hosted by {self.describe(0)}; stopping"
+                    )
                 return
+            dead = self.stale()
+            if dead and not self._stop.is_set():
+                self._die(
+                    f"pools: {', '.join(self.describe(r) for r in dead)} stopped (no heartbeat for "
+                    f"{self.dead_after_s:g} s, pools.dead_after_s); {self.describe(self.rank)} ends the job"
+                )
 
-    def stale(self) -> list[int]:
-        now, out = time.time(), []
-        try:
-            for r in range(self.size):
-                if r != self.rank and now - float(self._store.get(f"hb/{r}")) > 3 * HEARTBEAT_S:
-                    out.append(r)
-        except Exception:  # the store itself died with rank 0
-            return [0]
-        return out
+    def _watch_sigterm(self) -> None:
+        import signal
+        import socket
 
-    def stop(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        rfd, wfd = socket.socketpair()
+        wfd.setblocking(False)
+        signal.set_wakeup_fd(wfd.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, lambda *_: self._on_term())  # runs if the main thread is in Python
+        self._wake = (rfd, wfd)
+
+        def wait_for_term():
+            while True:
+                data = rfd.recv(64)
+                if not data or signal.SIGTERM in data:
+                    self._on_term()
+
+        threading.Thread(target=wait_for_term, name="fastdistill-sigterm", daemon=True).start()
+
+    def _on_term(self) -> None:
+        dead: list[int] = []
+        for _ in range(8):  # the rank that stopped first has the oldest heartbeat; give it a few beats to show
+            dead = self.stale(after=2.5 * HEARTBEAT_S)
+            if dead:
+                break
+            time.sleep(HEARTBEAT_S / 2)
+        who = ", ".join(self.describe(r) for r in dead) or "another rank (no heartbeat missing yet)"
+        self._die(f"pools: {self.describe(self.rank)} stopped by the launcher after {who} stopped")
+
+    def done(self, wait_for_all_s: float = 0.0) -> None:
+        """Mark this rank finished; rank 0 (the store's host) first waits up to ``wait_for_all_s`` for the others."""
         self._stop.set()
+        try:
+            self._store.set(f"hb/{self.rank}", "done")
+            deadline = time.time() + wait_for_all_s
+            while self.rank == 0 and time.time() < deadline:
+                if all(self._store.get(f"hb/{r}").decode() == "done" for r in range(self.size) if r != self.rank):
+                    break
+                time.sleep(0.2)
+        except Exception:
+            pass
+
+
+class CollectiveAudit:
+    """Test hook (``FASTDISTILL_POOLS_AUDIT=1``): counts every torch.distributed collective this process runs, by the
+    size of the group it ran over. DeepSpeed calls ``torch.distributed.<op>`` through ``deepspeed.comm`` at call time,
+    so its collectives are seen too. With per-pool worlds every size must be the pool's, never the launch's."""
+
+    OPS = (
+        "all_reduce",
+        "all_gather",
+        "all_gather_into_tensor",
+        "all_gather_object",
+        "reduce_scatter",
+        "reduce_scatter_tensor",
+        "broadcast",
+        "broadcast_object_list",
+        "barrier",
+        "reduce",
+        "all_to_all_single",
+        "monitored_barrier",
+    )
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.counts: dict[str, int] = {}
+        for op in self.OPS:
+            fn = getattr(dist, op, None)
+            if fn is not None:
+                setattr(dist, op, self._wrap(op, fn))
+
+    def _wrap(self, op, fn):
+        import functools
+
+        import torch.distributed as dist
+
+        import inspect
+
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def counted(*args, **kwargs):
+            try:
+                group = sig.bind_partial(*args, **kwargs).arguments.get("group")
+            except TypeError:
+                group = kwargs.get("group")
+            key = f"{op}/{dist.get_world_size(group)}"
+            self.counts[key] = self.counts.get(key, 0) + 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+    def write(self, path: str, **info) -> None:
+        import json
+
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({**info, "collectives": self.counts}, f, indent=1)
 
 
 def launch_env() -> tuple[int, int, str, int]:

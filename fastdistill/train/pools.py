@@ -29,7 +29,6 @@ import copy
 import json
 import os
 import signal
-import sys
 import time
 
 import torch
@@ -65,22 +64,23 @@ def validate_pools(cfg: dict, validate) -> dict:
     pools = cfg["pools"]
     if not isinstance(pools, dict):
         raise ConfigError(f"pools: expected a mapping (teacher, students, ring, timeout_s), got {pools!r}")
-    unknown = [k for k in pools if k not in ("teacher", "students", "ring", "timeout_s")]
+    known = ("teacher", "students", "ring", "timeout_s", "dead_after_s")
+    unknown = [k for k in pools if k not in known]
     if unknown:
-        raise ConfigError(
-            f"unknown key 'pools.{unknown[0]}'; expected one of ['ring', 'students', 'teacher', 'timeout_s']"
-        )
+        raise ConfigError(f"unknown key 'pools.{unknown[0]}'; expected one of {sorted(known)}")
     out = {
         "teacher": _size_of(pools.get("teacher"), "pools.teacher"),
         "ring": pools.get("ring", 2),
-        "timeout_s": pools.get("timeout_s", 120.0),
+        "timeout_s": pools.get("timeout_s", 300.0),
+        "dead_after_s": pools.get("dead_after_s", 30.0),
         "students": [],
     }
     if not isinstance(out["ring"], int) or isinstance(out["ring"], bool) or out["ring"] < 1:
         raise ConfigError(f"pools.ring: got {out['ring']!r}; expected an integer >= 1 (records in flight per pool)")
-    t = out["timeout_s"]
-    if not isinstance(t, (int, float)) or isinstance(t, bool) or t <= 0:
-        raise ConfigError(f"pools.timeout_s: got {t!r}; expected a number of seconds > 0")
+    for key in ("timeout_s", "dead_after_s"):
+        t = out[key]
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or t < 3:
+            raise ConfigError(f"pools.{key}: got {t!r}; expected a number of seconds >= 3")
     students = pools.get("students")
     if not isinstance(students, list) or not students:
         raise ConfigError(f"pools.students: expected a non-empty list of student pools, got {students!r}")
@@ -231,14 +231,16 @@ class PoolPlan:
                 f"{t_size} teacher ranks; expected a divisor of it"
             )
         self.teacher_mb = self.global_batch // t_size
-        self.heartbeat = bridge_lib.Heartbeat(host, port, self.global_rank, self.global_size)
+        self.heartbeat = bridge_lib.Watchdog(
+            host, port, self.global_rank, self.global_size, pools["dead_after_s"], self.describe
+        )
         if self.global_rank == 0:
             print("fastdistill: pools: " + ", ".join(self.describe_block(*x) for x in self.layout), flush=True)
+        self.audit = bridge_lib.CollectiveAudit() if os.environ.get("FASTDISTILL_POOLS_AUDIT") else None
         bridge_lib.init_pool_world(store, self.pool, self.rank, self.size, self.timeout_s)
         self.bridge = bridge_lib.Bridge(
             store, self.global_rank, self.global_size, self.timeout_s, self.describe, self.heartbeat
         )
-        self._install_sigterm()
         self.wait_s = self.lead = 0.0
         self.records = 0
         self.records_total = 0
@@ -256,26 +258,6 @@ class PoolPlan:
                 pool = "teacher pool" if name == "teacher" else f"student pool {name!r}"
                 return f"{pool} rank {global_rank - first} (global rank {global_rank})"
         return f"global rank {global_rank}"
-
-    def _install_sigterm(self) -> None:
-        """The launcher SIGTERMs every rank when one exits abnormally: say which rank stopped before going."""
-
-        def on_term(signum, frame):
-            dead = []
-            for _ in range(int(4 / bridge_lib.HEARTBEAT_S)):
-                dead = self.heartbeat.stale()
-                if dead:
-                    break
-                time.sleep(bridge_lib.HEARTBEAT_S)
-            who = ", ".join(self.describe(r) for r in dead) or "unknown"
-            print(
-                f"fastdistill: pools: {self.describe(self.global_rank)} stopped by the launcher; stopped first: {who}",
-                file=sys.stderr,
-                flush=True,
-            )
-            os._exit(1)
-
-        signal.signal(signal.SIGTERM, on_term)
 
     # -- rows and layouts ----------------------------------------------------------------------------------------------
     def student_ranks(self):
@@ -416,7 +398,14 @@ class PoolPlan:
         for step, _, work in self.acks:
             self.bridge.wait(work, 0, f"the teacher pool to take the checkpoint report of step {step}")
         self.acks = []
-        self.heartbeat.stop()
+        if self.audit is not None:
+            self.audit.write(
+                os.path.join(self.cfg_all["run"]["output_dir"], "audit", f"rank{self.global_rank}.json"),
+                pool=self.pool,
+                pool_size=self.size,
+                launch_size=self.global_size,
+            )
+        self.heartbeat.done(wait_for_all_s=self.timeout_s)
 
 
 # ---------------------------------------------------------------------------------------------------------------
