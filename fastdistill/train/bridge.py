@@ -260,10 +260,9 @@ class CollectiveAudit:
 
     def _wrap(self, op, fn):
         import functools
+        import inspect
 
         import torch.distributed as dist
-
-        import inspect
 
         sig = inspect.signature(fn)
 
