@@ -205,15 +205,37 @@ class Watchdog:
 
         threading.Thread(target=wait_for_term, name="fastdistill-sigterm", daemon=True).start()
 
-    def _on_term(self) -> None:
+    def first_stopped(self) -> str:
+        """Who stopped: the ranks whose heartbeat is missing, given a few beats to show (a crash elsewhere is
+        usually what made this rank's collective or the launcher fail)."""
         dead: list[int] = []
-        for _ in range(8):  # the rank that stopped first has the oldest heartbeat; give it a few beats to show
+        for _ in range(8):
             dead = self.stale(after=2.5 * HEARTBEAT_S)
             if dead:
                 break
             time.sleep(HEARTBEAT_S / 2)
-        who = ", ".join(self.describe(r) for r in dead) or "another rank (no heartbeat missing yet)"
-        self._die(f"pools: {self.describe(self.rank)} stopped by the launcher after {who} stopped")
+        return ", ".join(self.describe(r) for r in dead) or "no other rank (all heartbeats present)"
+
+    def _on_term(self) -> None:
+        self._die(f"pools: {self.describe(self.rank)} stopped by the launcher; stopped first: {self.first_stopped()}")
+
+    def install_excepthook(self) -> None:
+        """An uncaught error (e.g. a collective that failed because a peer died) also says which rank stopped."""
+        import sys
+
+        previous = sys.excepthook
+
+        def hook(kind, value, tb):
+            previous(kind, value, tb)
+            self._stop.set()
+            print(
+                f"fastdistill: pools: {self.describe(self.rank)} failed ({kind.__name__}); stopped first: "
+                f"{self.first_stopped()}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        sys.excepthook = hook
 
     def done(self, wait_for_all_s: float = 0.0) -> None:
         """Mark this rank finished; rank 0 (the store's host) first waits up to ``wait_for_all_s`` for the others."""

@@ -194,6 +194,25 @@ def overlaps(a: int, b: int, size_a: int, size_b: int):
     return (lo, hi) if lo < hi else None
 
 
+def global_batch(pools: dict, layout: list[tuple[str, int, int]]) -> tuple[int, int]:
+    """(G, teacher micro batch): every student pool trains on the same G = micro_batch_size x ranks sequences per micro
+    step, and the teacher pool's ranks split them evenly."""
+    students = {s["name"]: s for s in pools["students"]}
+    g = {n: students[n]["config"]["student"]["deepspeed"]["micro_batch_size"] * size for n, _, size in layout[1:]}
+    if len(set(g.values())) != 1:
+        raise ConfigError(
+            "pools.students: micro_batch_size x ranks differ between pools "
+            f"({', '.join(f'{n}={v}' for n, v in g.items())}); expected one global batch for all"
+        )
+    total, t_size = next(iter(g.values())), layout[0][2]
+    if total % t_size:
+        raise ConfigError(
+            f"pools.teacher: the global batch of {total} sequences cannot be divided over {t_size} teacher ranks; "
+            "expected a number of teacher ranks that divides it"
+        )
+    return total, total // t_size
+
+
 class PoolPlan:
     """This rank's pool, its world and the bridge; for a student rank also its teacher source (:meth:`receive`)."""
 
@@ -214,26 +233,11 @@ class PoolPlan:
         self.rank = self.global_rank - self.first
         self.is_teacher = self.pool == "teacher"
         self.cfg = cfg if self.is_teacher else self.students[self.pool]["config"]
-        # the global batch: every student pool trains on the same G rows per micro step
-        g = {
-            n: self.students[n]["config"]["student"]["deepspeed"]["micro_batch_size"] * s for n, _, s in self.layout[1:]
-        }
-        if len(set(g.values())) != 1:
-            raise ConfigError(
-                "pools.students: micro_batch_size x ranks differ between pools "
-                f"({', '.join(f'{n}={v}' for n, v in g.items())}); expected one global batch for all"
-            )
-        self.global_batch = next(iter(g.values()))
-        t_size = self.layout[0][2]
-        if self.global_batch % t_size:
-            raise ConfigError(
-                f"pools.teacher: the global batch of {self.global_batch} sequences cannot be divided over "
-                f"{t_size} teacher ranks; expected a divisor of it"
-            )
-        self.teacher_mb = self.global_batch // t_size
+        self.global_batch, self.teacher_mb = global_batch(pools, self.layout)
         self.heartbeat = bridge_lib.Watchdog(
             host, port, self.global_rank, self.global_size, pools["dead_after_s"], self.describe
         )
+        self.heartbeat.install_excepthook()
         if self.global_rank == 0:
             print("fastdistill: pools: " + ", ".join(self.describe_block(*x) for x in self.layout), flush=True)
         self.audit = bridge_lib.CollectiveAudit() if os.environ.get("FASTDISTILL_POOLS_AUDIT") else None
