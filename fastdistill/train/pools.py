@@ -297,8 +297,11 @@ class PoolPlan:
         """Sizes from the teacher pool (and its lm_head for a ``hidden`` pool): ``{"hidden_size", "vocab_size",
         "dtype", "topk", "lm_head"}``."""
         meta = self.bridge.recv_object(0, "the teacher pool's handshake")
+        from deepspeed.accelerator import get_accelerator
+
+        self.device = torch.device(get_accelerator().current_device_name())  # the bridge stages through host memory
         if meta["lm_head"] is not None:
-            meta["lm_head"].requires_grad_(False)
+            meta["lm_head"] = meta["lm_head"].to(self.device).requires_grad_(False)
         self.meta = meta
         self.payload = self.students[self.pool]["payload"]
         mb = self.cfg["student"]["deepspeed"]["micro_batch_size"]
@@ -357,6 +360,7 @@ class PoolPlan:
         cat = {k: torch.cat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k].clone() for k in parts[0]}
         if m + self.ring < self.total_micro:
             self._post(m + self.ring)
+        cat = {k: v.to(self.device, non_blocking=True) for k, v in cat.items()}
         if self.payload == "hidden":
             target = cat["hidden"]
         else:
