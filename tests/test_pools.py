@@ -407,7 +407,7 @@ def test_killed_teacher_rank_ends_the_job_with_its_name(tmp_path):
     proc = launch(out, env={"FASTDISTILL_FAULT_KILL": "teacher:1:4"})
     elapsed = time.time() - t0
     assert proc.returncode != 0, output(proc)
-    assert "teacher pool rank 1 (global rank 1)" in proc.stdout + proc.stderr, output(proc)
+    assert "stopped first: teacher pool rank 1 (global rank 1)" in proc.stdout + proc.stderr, output(proc)
     assert elapsed < TIMEOUT / 2, elapsed
 
 

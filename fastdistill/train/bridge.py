@@ -137,6 +137,7 @@ class Watchdog:
         self.rank, self.size, self.dead_after_s, self.describe = rank, size, dead_after_s, describe
         self._store = torch.distributed.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=30))
         self._stop = threading.Event()
+        self._last_ages: dict[int, float] = {}
         self._beat()
         threading.Thread(target=self._run, name="fastdistill-watchdog", daemon=True).start()
         self._watch_sigterm()
@@ -153,13 +154,15 @@ class Watchdog:
             v = self._store.get(f"hb/{r}").decode()
             if v != "done":
                 out[r] = now - float(v)
+        self._last_ages = out
         return out
 
     def stale(self, after: float | None = None) -> list[int]:
         try:
             ages = self.ages()
-        except Exception:  # the store died with rank 0
-            return [0]
+        except Exception:  # the store died with rank 0: blame a rank already late at the last look, else rank 0
+            late = [r for r, a in self._last_ages.items() if a > 1.5 * HEARTBEAT_S]
+            return late or [0]
         return sorted(r for r, a in ages.items() if a > (self.dead_after_s if after is None else after))
 
     def _die(self, msg: str) -> None:
