@@ -507,6 +507,7 @@ def serve_teacher(cfg: dict, plan: PoolPlan) -> dict:
     max_steps, save_every = cfg["schedule"]["max_steps"], cfg["schedule"]["save_every"]
     pending = [s for s in range(start + 1, max_steps + 1) if (save_every and s % save_every == 0) or s == max_steps]
     kill = fault_hook("teacher", rank)
+    reports = post_reports(plan, pending) if rank == 0 else {}
     forwards, t_fwd, t_send, bytes_sent = 0, 0.0, 0.0, 0
     if rank == 0:
         print(
@@ -551,14 +552,14 @@ def serve_teacher(cfg: dict, plan: PoolPlan) -> dict:
         step = (m + 1) // ga if (m + 1) % ga == 0 else None
         if step is not None:
             while rank == 0 and pending and pending[0] + plan.ring <= step:
-                commit(plan, pending.pop(0))
+                commit(plan, pending.pop(0), reports)
             if kill and step == kill:
                 os.kill(os.getpid(), signal.SIGKILL)
     for g, q in in_flight.items():
         while q:
             plan.bridge.wait(q.popleft(), g, "the last records")
     while rank == 0 and pending:
-        commit(plan, pending.pop(0))
+        commit(plan, pending.pop(0), reports)
     loop_s = time.time() - t_loop
     summary = {
         "pool": "teacher",
@@ -595,11 +596,21 @@ def cfg_ga(plan: PoolPlan) -> int:
     return next(iter(plan.students.values()))["config"]["student"]["deepspeed"]["gradient_accumulation_steps"]
 
 
-def commit(plan: PoolPlan, step: int) -> None:
+def post_reports(plan: PoolPlan, steps: list[int]) -> dict:
+    """Receives for every student pool's checkpoint report of every step in ``steps``, posted up front: a pool that
+    saved, reported and then died has still delivered its report (gloo moves a message only into a posted receive)."""
+    return {s: [(name, first, *_recv_ack(plan, first)) for name, first, _ in plan.layout[1:]] for s in steps}
+
+
+def _recv_ack(plan: PoolPlan, src: int):
+    buf = torch.zeros(1, dtype=torch.int64)
+    return buf, plan.bridge.irecv(buf, src, TAG_ACK)
+
+
+def commit(plan: PoolPlan, step: int, reports: dict) -> None:
     """Phase two: every student pool reported ``step`` saved; write the marker (atomically)."""
-    for name, first, _ in plan.layout[1:]:
-        ack = torch.zeros(1, dtype=torch.int64)
-        plan.bridge.wait(plan.bridge.irecv(ack, first, TAG_ACK), first, f"the checkpoint report of step {step}")
+    for name, first, ack, work in reports.pop(step):
+        plan.bridge.wait(work, first, f"the checkpoint report of step {step}")
         if int(ack) != step:
             raise bridge_lib.PoolFault(f"pools: pool {name!r} reported step {int(ack)}, expected {step}")
     path = os.path.join(plan.cfg_all["run"]["output_dir"], COMMIT)
