@@ -413,14 +413,16 @@ def test_killed_teacher_rank_ends_the_job_with_its_name(tmp_path):
 
 @launched
 def test_two_nodes_student_killed_then_resumed_on_the_same_trajectory(pools_run, tmp_path):
-    """Teacher pool on node 0, student pools on node 1; the Qwen student SIGKILLs itself after step 5 (checkpoints at
-    3): node 0 has no launcher-side view of node 1, its ranks stop through the watchdog; the resumed run continues
-    from the committed step 3 and follows the uninterrupted single-node trajectory."""
+    """Teacher pool on node 0, student pools on node 1; the Qwen student SIGKILLs itself after step 6, before its final
+    checkpoint (checkpoints at 3 and 6): node 0 has no launcher-side view of node 1, its ranks stop through the bridge
+    and the watchdog; the resumed run continues from the committed step 3 and follows the uninterrupted single-node
+    trajectory. (Step 3 is committed once every pool saved it: the slowest pool is at most ``ring`` steps behind the
+    teacher, so a pool dying at step >= 3 + ring + 1 finds step 3 saved everywhere.)"""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=2\nnode1 slots=2\n")
     out = str(tmp_path / "two_nodes")
     t0 = time.time()
-    killed = launch_two_nodes(out, str(hostfile), env={"FASTDISTILL_FAULT_KILL": "qwen1l:0:5"})
+    killed = launch_two_nodes(out, str(hostfile), env={"FASTDISTILL_FAULT_KILL": "qwen1l:0:6"})
     elapsed = time.time() - t0
     assert all(r.returncode != 0 for r in killed), "\n".join(output(r) for r in killed)
     node0 = killed[0].stdout + killed[0].stderr
@@ -434,3 +436,18 @@ def test_two_nodes_student_killed_then_resumed_on_the_same_trajectory(pools_run,
         assert summary["start_step"] == 3 and summary["steps"] == 6
         assert_same_trajectory(trajectory(os.path.join(out, pool)), trajectory(os.path.join(pools_run, pool)))
     assert json.load(open(os.path.join(out, "teacher", "summary.json")))["teacher_forwards"] == 3
+
+
+@launched
+def test_a_plan_that_does_not_fit_the_launch_is_one_line(tmp_path):
+    """pools_tiny.yaml needs 4 ranks; launched with 3, every rank stops at once with exit code 2 and one line."""
+    cmd = [DEEPSPEED, "--num_gpus", "3", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    cmd += ["--module", "fastdistill.train", *common(str(tmp_path / "misfit"))]
+    proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if "config error" in line]
+    assert lines == [
+        "fastdistill train: config error: pools: the pools' ranks add up to 4 (teacher=2, llama2l=1, qwen1l=1), "
+        "the launch has 3 ranks; expected them to add up to the launch's"
+    ], output(proc)
+    assert "Traceback" not in proc.stderr, output(proc)

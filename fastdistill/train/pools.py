@@ -29,6 +29,7 @@ import copy
 import json
 import os
 import signal
+import sys
 import time
 
 import torch
@@ -225,7 +226,13 @@ class PoolPlan:
         # node of every rank (the launcher's CROSS_RANK), shared through the store
         store.set(f"node/{self.global_rank}", os.environ.get("CROSS_RANK", "0"))
         node_of = [int(store.get(f"node/{r}")) for r in range(self.global_size)]
-        self.layout = assign_ranks(pools, self.global_size, node_of)
+        try:  # a plan that does not fit the launch: one line (from global rank 0) and exit code 2 on every rank
+            self.layout = assign_ranks(pools, self.global_size, node_of)
+            self.global_batch, self.teacher_mb = global_batch(pools, self.layout)
+        except ConfigError as e:
+            if self.global_rank == 0:
+                print(f"fastdistill train: config error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
         self.students = {s["name"]: s for s in pools["students"]}
         for name, first, size in self.layout:
             if first <= self.global_rank < first + size:
@@ -233,7 +240,6 @@ class PoolPlan:
         self.rank = self.global_rank - self.first
         self.is_teacher = self.pool == "teacher"
         self.cfg = cfg if self.is_teacher else self.students[self.pool]["config"]
-        self.global_batch, self.teacher_mb = global_batch(pools, self.layout)
         self.heartbeat = bridge_lib.Watchdog(
             host, port, self.global_rank, self.global_size, pools["dead_after_s"], self.describe
         )
