@@ -560,7 +560,7 @@ def serve_teacher(cfg: dict, plan: PoolPlan) -> dict:
             while rank == 0 and pending and pending[0] + plan.ring <= step:
                 commit(plan, pending.pop(0), reports)
             if kill and step == kill:
-                os.kill(os.getpid(), signal.SIGKILL)
+                fault_kill(cfg)
     for g, q in in_flight.items():
         while q:
             plan.bridge.wait(q.popleft(), g, "the last records")
@@ -624,6 +624,14 @@ def commit(plan: PoolPlan, step: int, reports: dict) -> None:
     with open(tmp, "w") as f:
         json.dump({"step": step, "pools": [n for n, _, _ in plan.layout[1:]], "time": time.time()}, f)
     os.replace(tmp, path)
+
+
+def fault_kill(cfg: dict) -> None:
+    """The test hook's SIGKILL, after noting the time in ``<run.output_dir>/fault_killed_at`` (how long the others
+    take to stop is measured from it)."""
+    with open(os.path.join(cfg["run"]["output_dir"], "fault_killed_at"), "w") as f:
+        f.write(str(time.time()))
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def fault_hook(pool: str, rank: int) -> int:

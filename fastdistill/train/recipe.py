@@ -541,7 +541,7 @@ def run(cfg: dict) -> dict:
             if plan is not None:
                 plan.saved(step)
         if plan is not None and step == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+            pools.fault_kill(cfg)
         if plan is None and kill_at and step == kill_at and rank == 0:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
