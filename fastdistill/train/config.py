@@ -110,9 +110,18 @@ SCHEMA: dict[str, Any] = {
         "tensorboard": (_bool, True),
         "progress_bar": (_bool, True),
     },
+    # a teacher pool and student pools in one launch (fastdistill.train.pools); null: colocated
+    "pools": (_opt((dict,)), None),
 }
 LOSS_SCHEMA = {
-    "logit_kd": {"weight": _float, "divergence": _str, "beta": _float, "temperature": _float},
+    "logit_kd": {
+        "weight": _float,
+        "divergence": _str,
+        "beta": _float,
+        "temperature": _float,
+        "topk": _opt(_int),  # sparse KD on the teacher's top k tokens at the temperature (a `topk` pool payload)
+        "topk_tail": _str,  # bucket (the tail mass matched too) | renormalize
+    },
     "hard_ce": {"weight": _float},
     "hint": {"weight": _float, "layer_map": (dict,), "kind": _str},
     "attention": {"weight": _float, "layer_map": (dict,), "relation_heads": _opt(_int)},
@@ -213,6 +222,10 @@ def _check_losses(losses: list) -> list:
                 raise ConfigError(f"{key}.beta: got {resolved['beta']}; expected a number in [0, 1]")
             if resolved["temperature"] <= 0:
                 raise ConfigError(f"{key}.temperature: got {resolved['temperature']}; expected a number > 0")
+            if resolved.get("topk") is not None and resolved["topk"] < 1:
+                raise ConfigError(f"{key}.topk: got {resolved['topk']}; expected an integer >= 1 (or null: dense)")
+            if "topk_tail" in resolved:
+                _choice(f"{key}.topk_tail", resolved["topk_tail"], ("bucket", "renormalize"))
         if item["type"] == "hint":
             _choice(f"{key}.kind", resolved["kind"], ("mse", "cosine"))
         if "layer_map" in schema:
@@ -391,6 +404,13 @@ def validate(cfg: dict) -> dict:
     for key, (value, least) in at_least.items():
         if value is not None and value < least:
             raise ConfigError(f"{key}: got {value}; expected a number >= {least}")
+    kd = next((x for x in out["losses"] if x["type"] == "logit_kd"), None)
+    if kd is not None and kd.get("topk") and run["loss_impl"] != "fused":
+        raise ConfigError("losses[].topk: sparse top-k KD needs run.loss_impl 'fused', got 'unfused'")
+    if out["pools"] is not None:
+        from fastdistill.train.pools import validate_pools
+
+        out["pools"] = validate_pools(out, validate)
     return out
 
 

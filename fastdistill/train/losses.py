@@ -35,15 +35,17 @@ class DistillLoss(nn.Module):
         impl: str,
         student_hidden_size: int,
         teacher_hidden_size: int | None,
-        topk_tail: str = "bucket",
+        topk_tail: str | None = None,
     ):
         super().__init__()
-        self.impl, self.topk_tail = impl, topk_tail
+        self.impl = impl
         by_type = {x["type"]: x for x in losses}
         kd, ce = by_type.get("logit_kd"), by_type.get("hard_ce")
         self.soft_weight = kd["weight"] if kd else 0.0
         self.hard_weight = ce["weight"] if ce else 0.0
         self.kd = kd or {"divergence": "forward_kl", "beta": 0.5, "temperature": 1.0}
+        # the tail of a top-k teacher: the cache's `cache.tail` when reading one, else the loss's own `topk_tail`
+        self.topk_tail = topk_tail or self.kd.get("topk_tail") or "bucket"
         self.hint = by_type.get("hint")
         self.attention = by_type.get("attention")
         self.affinity = by_type.get("affinity")
@@ -57,34 +59,18 @@ class DistillLoss(nn.Module):
         self.attention_layers = dict(self.attention["layer_map"]) if self.attention else {}
 
     # -- lm-head terms --------------------------------------------------------------------------------------------
-    def _lm_head_fused(self, hs, ws, ht, wt, labels):
+    def _lm_head_fused(self, hs, ws, ht, wt, labels, topk=None):
+        sparse = {}
+        if topk is not None:  # a top-k record: the fused sparse path (the k tokens + the tail bucket)
+            ht = wt = None
+            sparse = dict(teacher_topk=topk, topk_tail=self.topk_tail, topk_values="logprobs")
         loss, ce, kd = FD.fused_linear_distill_loss(
             hs,
             ws,
             ht,
             wt,
             labels,
-            divergence=self.kd["divergence"],
-            beta=self.kd["beta"],
-            temperature=self.kd["temperature"],
-            hard_weight=self.hard_weight,
-            soft_weight=self.soft_weight,
-            ignore_index=IGNORE_INDEX,
-            reduction="batchmean",
-            return_parts=True,
-        )
-        return loss, {"kd": kd, "ce": ce}
-
-    def _lm_head_topk(self, hs, ws, topk, labels):
-        """A cached (or streamed) teacher: its top-k log-probs at the KD temperature and their indices."""
-        values, indices = topk
-        loss, ce, kd = FD.fused_linear_distill_loss(
-            hs,
-            ws,
-            labels=labels,
-            teacher_topk=(values.reshape(-1, values.shape[-1]), indices.reshape(-1, indices.shape[-1])),
-            topk_tail=self.topk_tail,
-            topk_values="logprobs",
+            **sparse,
             divergence=self.kd["divergence"],
             beta=self.kd["beta"],
             temperature=self.kd["temperature"],
@@ -123,12 +109,21 @@ class DistillLoss(nn.Module):
         teacher_states=None,
     ):
         hs, labels_flat = _flat(student_hidden), labels.reshape(-1)
-        if isinstance(teacher_hidden, tuple):  # (values, indices): top-k targets (teacher cache)
-            loss, parts = self._lm_head_topk(hs, student_weight, teacher_hidden, labels_flat)
-            return loss, {k: v.detach().float() for k, v in parts.items()}
-        ht = _flat(teacher_hidden)
+        topk = None
+        if isinstance(teacher_hidden, dict):  # a top-k teacher record streamed by a teacher pool
+            teacher_hidden = (teacher_hidden["values"], teacher_hidden["indices"])
+        if isinstance(teacher_hidden, tuple):  # (values, indices): top-k targets (teacher cache or teacher pool)
+            ht = None
+            topk = (_flat(teacher_hidden[0]), _flat(teacher_hidden[1]))
+        else:
+            ht = _flat(teacher_hidden)
+            if self.kd.get("topk") and self.soft_weight:  # colocated top-k: the same record, computed here
+                from fastdistill.train.pools import teacher_topk
+
+                rec = teacher_topk(ht, teacher_weight, self.kd["topk"], self.kd["temperature"])
+                topk = (rec["values"], rec["indices"])
         if self.impl == "fused":
-            loss, parts = self._lm_head_fused(hs, student_weight, ht, teacher_weight, labels_flat)
+            loss, parts = self._lm_head_fused(hs, student_weight, ht, teacher_weight, labels_flat, topk)
         else:
             loss, parts = self._lm_head_unfused(hs, student_weight, ht, teacher_weight, labels_flat)
         # positions that count: valid labels for hint (per token); whole real rows for the sequence-level maps

@@ -219,10 +219,10 @@ class StudentWithLoss(nn.Module):
         self.loss_fn = loss_fn  # an nn.Module (holds the hint projections, if any)
         self._teacher_head: tuple = ()  # the teacher's lm_head weight, held outside the module tree (see set_teacher)
 
-    def set_teacher_head(self, weight: nn.Parameter) -> None:
+    def set_teacher_head(self, weight: nn.Parameter | None) -> None:
         """The teacher lm_head weight the loss reads. Not passed through the engine's forward: ZeRO-3 wraps tensor
         inputs, and the wrapper would hide that this one is a partitioned parameter to gather."""
-        self._teacher_head = (weight,)
+        self._teacher_head = (weight,) if weight is not None else ()
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.get_output_embeddings().weight
@@ -237,8 +237,7 @@ class StudentWithLoss(nn.Module):
         if teacher_hidden is None:  # evaluation: summed token NLL and token count
             return self.loss_fn.nll(hidden, self.lm_head_weight(), labels)
         # a ZeRO-3 teacher's lm_head weight is all-gathered only for the loss, and released right after
-        # (no teacher weight with top-k targets from a teacher cache)
-        teacher_weight = self._teacher_head[0] if self._teacher_head else None
+        teacher_weight = self._teacher_head[0] if self._teacher_head else None  # None: a top-k record
         with gathered([teacher_weight] if teacher_weight is not None else []):
             return self.loss_fn(
                 hidden, self.lm_head_weight(), teacher_hidden, teacher_weight, labels, states, teacher_states

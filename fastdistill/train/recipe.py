@@ -340,16 +340,38 @@ def perplexity(batches, teacher, student, teacher_weight) -> tuple[float, float 
 # ---------------------------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------------------------
+def prepare_data(cfg: dict, rank: int):
+    """(tokenizer, train sequences, held-out sequences); rank 0 converts a GGUF teacher once into the cache while the
+    others wait."""
+    if cfg["teacher"]["cache"] is not None:
+        cache_source.resolve_teacher_spec(cfg)  # teacher named by the cache's manifest, when the run names none
+    tokenizer = prepare_models(cfg, rank)
+    train_seqs, held_seqs = data_lib.train_heldout(cfg, tokenizer)
+    return tokenizer, train_seqs, held_seqs
+
+
 def run(cfg: dict) -> dict:
     """Distil ``cfg`` (a resolved config); returns the summary rank 0 also writes to ``summary.json``."""
     import torch.distributed as dist
 
     t_start = time.time()
-    # paths, the output folder and the checkpoint to resume, on every rank before anything is loaded or written
-    ckpt = errors.preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    if cfg["run"]["threads"]:
-        torch.set_num_threads(cfg["run"]["threads"])
-    rank, world = init_distributed()
+    plan = ckpt = None  # with `pools`: this rank's pool, its own world, and the bridge to the teacher pool
+    if cfg.get("pools"):
+        from fastdistill.train import pools
+
+        if cfg["run"]["threads"]:
+            torch.set_num_threads(cfg["run"]["threads"])
+        plan = pools.PoolPlan(cfg)
+        if plan.is_teacher:
+            return pools.serve_teacher(cfg, plan)
+        cfg = plan.cfg  # this student pool's resolved config (its student, losses, output folder)
+        rank, world = plan.rank, plan.size
+    else:
+        # paths, the output folder and the checkpoint to resume, on every rank before anything is loaded or written
+        ckpt = errors.preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        if cfg["run"]["threads"]:
+            torch.set_num_threads(cfg["run"]["threads"])
+        rank, world = init_distributed()
     out_dir = cfg["run"]["output_dir"]
     os.makedirs(out_dir, exist_ok=True)
     say = (lambda *a: print("fastdistill:", *a, flush=True)) if rank == 0 else (lambda *a: None)
@@ -357,15 +379,10 @@ def run(cfg: dict) -> dict:
     if rank == 0:
         dump_config(cfg, os.path.join(out_dir, "config.yaml"))
 
-    # -- models and tokenizer: rank 0 converts a GGUF teacher once into the cache, the others wait ----------------
-    if cfg["teacher"]["cache"] is not None:
-        cache_source.resolve_teacher_spec(cfg)  # teacher named by the cache's manifest, when the run names none
-    t = cfg["teacher"]
-    tokenizer = prepare_models(cfg, rank)
-
-    # -- data ----------------------------------------------------------------------------------------------------
+    # -- models, tokenizer and data -------------------------------------------------------------------------------
     seed = cfg["run"]["seed"]
-    train_seqs, held_seqs = data_lib.train_heldout(cfg, tokenizer)
+    tokenizer, train_seqs, held_seqs = prepare_data(cfg, rank)
+    t = cfg["teacher"]
     sampler = data_lib.Sampler(train_seqs, sds["micro_batch_size"], rank, world, seed)
     held = data_lib.Sampler(held_seqs, sds["micro_batch_size"], rank, world, seed, shuffle=False)
     n_eval = (
@@ -379,12 +396,13 @@ def run(cfg: dict) -> dict:
 
     # -- teacher (sharded, frozen) then student (its own engine) ---------------------------------------------------
     torch.manual_seed(seed)
-    cached = t["cache"] is not None
+    cached = plan is None and t["cache"] is not None
     if cached:  # a teacher cache: no teacher engine; the teacher's weights only to initialise a student from them
-        teacher = teacher_weight = all_mem = None
+        teacher = teacher_weight = all_mem = teacher_vocab = None
         teacher_model = cache_source.teacher_for_init(cfg)
+        teacher_hidden_size = teacher_model.config.hidden_size if teacher_model is not None else None
         say(f"teacher: top-k targets from the cache {t['cache']} (no teacher forward)")
-    else:
+    elif plan is None:
         teacher, teacher_model = build_teacher(cfg, world)
         teacher_weight = teacher_model.get_output_embeddings().weight
         mem = teacher_memory(teacher_model, world)
@@ -397,21 +415,19 @@ def run(cfg: dict) -> dict:
             f"teacher: {mem['param_bytes_full'] / 2**20:.1f} MiB of parameters, {mem['param_bytes_held'] / 2**20:.1f} "
             f"MiB held on rank 0 (ZeRO stage {cfg['teacher']['deepspeed']['stage']})"
         )
-    teacher_hidden_size = teacher_model.config.hidden_size if teacher_model is not None else None
-    if (
-        not cached
-        and isinstance(tokenizer, data_lib.ByteTokenizer)
-        and teacher_model.config.vocab_size < tokenizer.vocab_size
-    ):
-        raise ConfigError(
-            f"data.tokenizer: 'bytes' needs a teacher vocabulary >= 256, the teacher has "
-            f"{teacher_model.config.vocab_size}"
-        )
+        teacher_hidden_size, teacher_vocab = teacher_model.config.hidden_size, teacher_model.config.vocab_size
+    else:  # the teacher lives in its pool: sizes (and the lm_head for a `hidden` payload) come over the bridge
+        meta = plan.handshake()
+        teacher, teacher_weight, all_mem = None, meta["lm_head"], None
+        teacher_hidden_size, teacher_vocab = meta["hidden_size"], meta["vocab_size"]
+        teacher_model = plan.local_teacher() if cfg["student"]["init_from_teacher"] is not None else None
+    byte_vocab = isinstance(tokenizer, data_lib.ByteTokenizer)
+    if teacher_vocab is not None and byte_vocab and teacher_vocab < tokenizer.vocab_size:
+        raise ConfigError(f"data.tokenizer: 'bytes' needs a teacher vocabulary >= 256, the teacher has {teacher_vocab}")
 
     def make_loss(student_hidden_size: int) -> DistillLoss:
-        return DistillLoss(
-            cfg["losses"], cfg["run"]["loss_impl"], student_hidden_size, teacher_hidden_size, cfg["cache"]["tail"]
-        )
+        tail = cfg["cache"]["tail"] if cached else None  # else the logit_kd loss's own topk_tail
+        return DistillLoss(cfg["losses"], cfg["run"]["loss_impl"], student_hidden_size, teacher_hidden_size, tail)
 
     torch.manual_seed(seed + 1)
     student = build_student(cfg, teacher_model, make_loss)
@@ -427,12 +443,17 @@ def run(cfg: dict) -> dict:
     # -- resume --------------------------------------------------------------------------------------------------
     start_step = 0
     where = ckpt.folder if ckpt is not None else None
+    if plan is not None:
+        where = plan.resume_folder(plan.committed())
     if where is not None:
         start_step = load_checkpoint(student, where, rank, world)
         say(f"resumed from {where} at step {start_step}")
     metrics = Metrics(out_dir, cfg["logging"]["tensorboard"], start_step if where else None) if rank == 0 else None
 
     summary: dict = {"world_size": world, "start_step": start_step}
+    if plan is not None:
+        summary["pool"] = plan.pool
+        plan.start(start_step * sds["gradient_accumulation_steps"])
 
     # -- evaluation before training --------------------------------------------------------------------------------
     t0 = time.time()
@@ -445,8 +466,8 @@ def run(cfg: dict) -> dict:
         f"({time.time() - t0:.1f} s)"
     )
     if metrics:
-        metrics.log(start_step, {"eval/student_ppl": s_ppl, "eval/teacher_ppl": t_ppl})
-    if os.environ.get("FASTDISTILL_DEBUG_DUMP") and not cached:
+        metrics.log(start_step, {"eval/student_ppl": s_ppl, **({"eval/teacher_ppl": t_ppl} if t_ppl else {})})
+    if os.environ.get("FASTDISTILL_DEBUG_DUMP") and teacher is not None:
         # test hook: the teacher's logits on the first held-out batch (small models only)
         with torch.no_grad():
             hidden, _ = teacher(eval_batches[0][0])
@@ -462,6 +483,8 @@ def run(cfg: dict) -> dict:
 
     ga = sds["gradient_accumulation_steps"]
     kill_at = int(os.environ.get("FASTDISTILL_FAULT_KILL_AT_STEP", "0"))  # test hook: SIGKILL mid-run
+    if plan is not None:
+        kill_at = pools.fault_hook(plan.pool, rank) or -1  # FASTDISTILL_FAULT_KILL=pool:rank:step
     bar = tqdm(
         total=sched["max_steps"],
         initial=start_step,
@@ -473,10 +496,13 @@ def run(cfg: dict) -> dict:
     # the teacher source: the colocated engine (forward per micro batch) or the cache (read ahead by a thread)
     if cached:
         source = cache_source.CachedTeacher(cfg, sampler, start_step * ga, sched["max_steps"] * ga, rank)
+    elif plan is not None:  # the teacher pool's records (waits only when the teacher is behind)
+        source = plan
     else:
         source = OnlineTeacher(teacher, sampler, needs_states, teacher_attention_layers)
     step = start_step
     step_seconds: list[float] = []
+    wait_total = 0.0
     t_train = time.time()
     while step < sched["max_steps"]:
         t_step = time.time()
@@ -511,13 +537,29 @@ def run(cfg: dict) -> dict:
                 "perf/student_s": t_student,
             }
         )
+        if plan is not None:
+            st = plan.take_stats()  # t_teacher is the wait for the teacher pool's records
+            row.update(
+                {
+                    "pools/wait_s": st["wait_s"],
+                    "pools/wait_fraction": st["wait_s"] / max(elapsed, 1e-9),
+                    "pools/teacher_lead": st["lead"],
+                    "pools/payload_bytes_per_token": plan.bytes_per_token,
+                }
+            )
+            wait_total += st["wait_s"]
         if metrics and step % sched["log_every"] == 0:
             metrics.log(step, row)
         # the postfix first without a refresh, then one refresh by update: one line per step, with this step's loss
         bar.set_postfix_str(
             " ".join(f"{k[6:]}={v:.4f}" for k, v in row.items() if k.startswith("train/") and k != "train/lr")
-            + f" tok/s={row['perf/tokens_per_s']:.0f} T/S={t_teacher / max(t_teacher + t_student, 1e-9):.0%}/"
-            f"{t_student / max(t_teacher + t_student, 1e-9):.0%}",
+            + f" tok/s={row['perf/tokens_per_s']:.0f} "
+            + (
+                f"T/S={t_teacher / max(t_teacher + t_student, 1e-9):.0%}/"
+                f"{t_student / max(t_teacher + t_student, 1e-9):.0%}"
+                if plan is None
+                else f"wait={row['pools/wait_fraction']:.0%} lead={row['pools/teacher_lead']:.1f}"
+            ),
             refresh=False,
         )
         bar.update(1)
@@ -529,10 +571,15 @@ def run(cfg: dict) -> dict:
                 metrics.log(step, {"eval/student_ppl": s_ppl})
         if sched["save_every"] and step % sched["save_every"] == 0 and step < sched["max_steps"]:
             save_checkpoint(student, cfg, step, rank, cfg["run"]["keep_checkpoints"])
-        if kill_at and step == kill_at and rank == 0:
+            if plan is not None:
+                plan.saved(step)
+        if plan is not None and step == kill_at:
+            pools.fault_kill(cfg)
+        if plan is None and kill_at and step == kill_at and rank == 0:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
-    source.close()
+    if source is not plan:  # a pool plan closes after the final checkpoint (its commit report)
+        source.close()
     train_s = time.time() - t_train
     if cached:
         missing = torch.tensor([source.missing], dtype=torch.float64)
@@ -564,6 +611,16 @@ def run(cfg: dict) -> dict:
         step > start_step or not os.path.isfile(os.path.join(out_dir, CHECKPOINTS, "latest"))
     ):
         save_checkpoint(student, cfg, step, rank, cfg["run"]["keep_checkpoints"])
+        if plan is not None:
+            plan.saved(step)
+    if plan is not None:
+        summary.update(
+            wait_seconds=wait_total,
+            wait_fraction=wait_total / max(train_s, 1e-9),
+            payload=plan.payload,
+            payload_bytes_per_token=plan.bytes_per_token,
+            teacher_records_received=plan.records_total,
+        )
     export_dir = os.path.join(out_dir, "student")
     export_student(student, tokenizer, export_dir, rank)
     summary.update(export_dir=export_dir, wall_seconds=time.time() - t_start)
@@ -577,6 +634,8 @@ def run(cfg: dict) -> dict:
             json.dump(summary, f, indent=1)
         metrics.close()
     dist.barrier()
+    if plan is not None:
+        plan.close()
     return summary
 
 
