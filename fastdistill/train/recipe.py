@@ -491,6 +491,8 @@ def run(cfg: dict) -> dict:
         disable=rank != 0 or not cfg["logging"]["progress_bar"],
         dynamic_ncols=True,
         desc="distill",
+        mininterval=0,  # one frame per optimizer step (each step's own loss), however fast the steps are
+        miniters=1,
     )
     tokens_per_step = sds["micro_batch_size"] * cfg["data"]["seq_len"] * world * ga
     # the teacher source: the colocated engine (forward per micro batch) or the cache (read ahead by a thread)
