@@ -157,7 +157,9 @@ def test_fused_linear_mixed_dtypes_under_autocast(request):
         loss = FD.fused_linear_distill_loss(xb, ws, xt.bfloat16(), wt, labels, hard_weight=0.5)
     loss.backward()
     assert loss.dtype == torch.float32 and xb.grad.dtype == torch.bfloat16 and ws.grad.dtype == torch.float32
-    with pytest.raises(ValueError, match="student_weight has dtype torch.float32 but student_hidden has dtype torch.bfloat16"):
+    with pytest.raises(
+        ValueError, match="student_weight has dtype torch.float32 but student_hidden has dtype torch.bfloat16"
+    ):
         FD.fused_linear_distill_loss(xb, ws, xt.bfloat16(), wt, labels)
 
 

@@ -25,6 +25,7 @@ def test_cpp_header_is_generated_from_the_table():
 
 def test_every_layer_uses_the_table():
     from fastdistill.kernels import distill_loss as K
+
     from fastdistill.ops import attention_distill, distill_loss, fused_linear_distill, kl_div
     from fastdistill.train import config
 

@@ -150,7 +150,11 @@ def test_pipeline_on_tiny_models(tmp_path):
     out = tmp_path / "out"
     res = json.load(open(out / "results.json"))
     systems = [r["system"] for r in res["table"]]
-    assert systems[:2] == ["VADER lexicon (compound)", "teacher direct answer, no chain"]
+    from fastdistill.weak_label import data as data_lib
+
+    # the lexicon baseline is there when its data is (make data-weak-labels); the table says so either way
+    baseline = ["VADER lexicon (compound)"] if data_lib.vader_scores(["good"]) is not None else []
+    assert systems[: len(baseline) + 1] == baseline + ["teacher direct answer, no chain"]
     for rule in ("prob_mean", "majority", "score_mean"):
         assert f"teacher {rule} N=1" in systems and f"teacher {rule} N=3" in systems
     assert systems[-1].startswith("student")

@@ -239,6 +239,9 @@ class Watchdog:
             )
 
         sys.excepthook = hook
+        from fastdistill.train import errors  # the CLI's one line for a lost peer names the rank too
+
+        errors.set_blame(lambda: f"pools: {self.first_stopped()}")
 
     def done(self, wait_for_all_s: float = 0.0) -> None:
         """Mark this rank finished; rank 0 (the store's host) first waits up to ``wait_for_all_s`` for the others."""

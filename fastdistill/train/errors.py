@@ -133,11 +133,27 @@ def peer_lost(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(s in text for s in _PEER_GONE)
 
 
+# who stopped first, when the run knows (the pools' heartbeats name the pool and rank); None: nobody registered
+_blame = None
+
+
+def set_blame(who_stopped_first) -> None:
+    """Register a callable returning a description of the rank(s) that stopped first (``pools`` does)."""
+    global _blame
+    _blame = who_stopped_first
+
+
 def lost_peer_line() -> str:
     """One line for a rank that stops because another exited. The deepspeed launcher's own last line pairs the exit
     code of the rank that failed first with the command line of the last rank it started, so say which is which."""
+    who = ""
+    if _blame is not None:
+        try:
+            who = f" Stopped first: {_blame()}."
+        except Exception:  # naming is best effort: never hide the line itself
+            who = ""
     return (
         f"rank {rank()}: stopping, another rank exited first (its error, if any, is above; exit code -9 = killed, "
-        "e.g. out of memory). The launcher's last line shows that exit code next to the command of the last rank "
-        "it started, not necessarily the one that failed"
+        "e.g. out of memory)." + who + " The launcher's last line shows that exit code next to the command of the "
+        "last rank it started, not necessarily the one that failed"
     )

@@ -117,13 +117,17 @@ def split(examples: list[dict], test_per_set: int, train_per_set: int | None, se
     return train, test
 
 
-def vader_scores(texts: list[str]) -> list[float]:
-    """VADER's compound score per text (the lexicon baseline), from the unpacked sdist (or an installed package)."""
+def vader_scores(texts: list[str]) -> list[float] | None:
+    """VADER's compound score per text (the lexicon baseline), from the unpacked sdist (or an installed package);
+    None when neither is there (``make data-weak-labels`` unpacks it)."""
     spec = importlib.util.spec_from_file_location(
         "fastdistill_vader", os.path.join(vader_dir(), "vaderSentiment", "vaderSentiment.py")
     )
     if spec is None or not os.path.isfile(spec.origin or ""):
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        try:
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        except ImportError:
+            return None
     else:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)

@@ -199,8 +199,11 @@ def _student_and_measure(cfg, task, store, everything, test, train, stats, label
         }
 
     table: list[dict] = []
-    vader = torch.tensor(data_lib.vader_scores([e["text"] for e in test]), dtype=torch.float64)
-    table.append({"system": "VADER lexicon (compound)", **measure(vader)})
+    vader = data_lib.vader_scores([e["text"] for e in test])
+    if vader is None:
+        say(f"VADER lexicon baseline skipped: neither {data_lib.vader_dir()!r} nor the vaderSentiment package is there")
+    else:
+        table.append({"system": "VADER lexicon (compound)", **measure(torch.tensor(vader, dtype=torch.float64))})
     table.append(
         {"system": "teacher direct answer, no chain", **measure(expected_score(direct[:n_test].exp(), values))}
     )
