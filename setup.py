@@ -82,6 +82,7 @@ setup(
             "pyarrow",  # the teacher cache (Parquet shards, zstd)
         ],
         "dataset": ["scikit-learn", "matplotlib"],
+        "text": ["pillow"],  # fastdistill.textrec: word images rendered from Debian fonts (make data-text)
     },
     entry_points={"console_scripts": ["fastdistill=fastdistill.cli:main"]},
     ext_modules=ext_modules,

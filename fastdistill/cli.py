@@ -15,6 +15,7 @@ COMMANDS = {
     "generate": ("fastdistill.generate.cli", "sample N continuations per prompt from the teacher into a dataset"),
     "weak-label": ("fastdistill.weak_label.cli", "teacher chains -> aggregated soft labels -> a student classifier"),
     "socratic": ("fastdistill.socratic.cli", "teacher sub-question chains -> question generator + answerer"),
+    "text-recognition": ("fastdistill.textrec.cli", "printed + handwriting recognizer distilled from two teachers"),
     "dataset-distill": ("fastdistill.dataset_distill.cli", "condense a dataset by matching training trajectories"),
 }
 

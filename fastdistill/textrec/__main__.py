@@ -1,0 +1,5 @@
+import sys
+
+from fastdistill.textrec.cli import main
+
+sys.exit(main())
