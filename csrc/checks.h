@@ -18,8 +18,6 @@ inline bool is_supported_float(at::ScalarType t) {
 
 #define FD_CHECK_CPU(x) TORCH_CHECK((x).device().is_cpu(), #x " must be a CPU tensor, got a tensor on ", (x).device())
 
-#define FD_CHECK_CUDA(x) TORCH_CHECK((x).is_cuda(), #x " must be a CUDA tensor, got a tensor on ", (x).device())
-
 #define FD_CHECK_FLOAT(x)                                                                                   \
   TORCH_CHECK(::fastdistill::is_supported_float((x).scalar_type()), #x " has dtype ", (x).scalar_type(), \
               "; expected Float, BFloat16, Half or Double")

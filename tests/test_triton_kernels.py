@@ -290,10 +290,15 @@ def test_low_precision_within_torch_error(dtype, divergence):
 
 
 def test_launch_config_for_the_gpu():
+    from fastdistill.divergences import DIVERGENCE_ID
     from fastdistill.ops.distill_loss_triton import launch_config
 
     gpu = torch.device("cuda")
     assert launch_config(128256, gpu) == (4096, 16)  # Llama-3 vocabulary: 16-byte bf16 loads per thread
+    # the two-pass row kernels (forward / reverse KL) run 8 warps: forward KL spilled at 16 on sm_80
+    for name in ("forward_kl", "reverse_kl"):
+        assert launch_config(128256, gpu, divergence=DIVERGENCE_ID[name]) == (4096, 8), name
+    assert launch_config(128256, gpu, divergence=DIVERGENCE_ID["jsd"]) == (4096, 16)
     assert launch_config(401, gpu) == (512, 4)
     assert launch_config(70001, torch.device("cpu")) == (1024, 4)
     assert launch_config(401, torch.device("cpu"), block_v=64) == (64, 4)

@@ -8,6 +8,7 @@ import math
 import torch
 import triton
 
+from fastdistill.divergences import TWO_PASS_IDS
 from fastdistill.kernels.distill_loss import distill_loss_rows_kernel
 from fastdistill.ops.distill_loss import check_scales
 
@@ -17,11 +18,17 @@ _INTERPRET_MAX_BLOCK_V = 1024
 _GPU_MAX_BLOCK_V = 4096
 
 
-def launch_config(V: int, device: torch.device, block_v: int | None = None) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) for a row of ``V`` logits on ``device``; ``block_v`` overrides the tile width."""
+def launch_config(
+    V: int, device: torch.device, block_v: int | None = None, divergence: int | None = None
+) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for a row of ``V`` logits on ``device``; ``block_v`` overrides the tile width.
+    ``divergence`` (a canonical id; None for other row kernels) picks the warps of the 4096-wide tiles: 16, but 8 for
+    the two-pass kernels (forward / reverse KL), where ptxas spilled 24 B at 16 warps (forward KL, bf16 / fp16, sm_80:
+    it settles on 40 registers), while the three-pass kernels spill 8 B at 8 warps (JSD + CE on sm_80, skew reverse
+    KL on sm_90). ``benchmarks/triton_aot.py`` compiles these launches and fails on any spill."""
     cap = _INTERPRET_MAX_BLOCK_V if device.type == "cpu" else _GPU_MAX_BLOCK_V
     block = block_v if block_v is not None else min(triton.next_power_of_2(V), cap)
-    num_warps = 16 if block >= 4096 else 8 if block >= 2048 else 4
+    num_warps = 16 if block >= 4096 and divergence not in TWO_PASS_IDS else 8 if block >= 2048 else 4
     return block, num_warps
 
 
@@ -92,7 +99,7 @@ def distill_loss_rows_triton(
     if labels is not None:
         labels = labels.contiguous()
     grad_scale = grad_scale.reshape(1).to(student.device)
-    block, num_warps = launch_config(V, student.device, block_v)
+    block, num_warps = launch_config(V, student.device, block_v, divergence)
     log_beta = math.log(beta) if beta > 0.0 else float("-inf")
     log_1m_beta = math.log1p(-beta) if beta < 1.0 else float("-inf")
     # launch on the tensors' GPU, not on whichever device is current
