@@ -5,6 +5,7 @@ and resumed with ``fraction=1`` and a replay buffer following the same trajector
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -14,12 +15,16 @@ import zlib
 import pytest
 import torch
 
+pytest.importorskip("deepspeed")
+pytest.importorskip("transformers")
+
+from test_train import DEEPSPEED, REPO, TIMEOUT, check, free_port, run_env  # noqa: E402
+
 import fastdistill.functional as FD
 from fastdistill.train import onpolicy
 from fastdistill.train.config import ConfigError, validate
 from fastdistill.train.data import IGNORE_INDEX
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny_llama_zero3.yaml")
 
 
@@ -191,9 +196,8 @@ def test_defaults_and_default_loss():
         ({"max_new_tokens": 0}, r"onpolicy\.max_new_tokens: got 0; expected an integer >= 1"),
         ({"temperature": -1}, r"onpolicy\.temperature: got -1; expected a number >= 0"),
         ({"top_p": 0}, r"onpolicy\.top_p: got 0; expected a number in \(0, 1\]"),
-        ({"prompt": "chat"}, r"onpolicy\.prompt: got 'chat'; expected one of \['packed', 'split'\]"),
+        ({"prompt": "chat"}, r"onpolicy\.prompt: got 'chat'; expected one of \['packed'\]"),
         ({"prompt_tokens": 32}, r"onpolicy\.prompt_tokens: got 32; expected an integer in \[1, data\.seq_len - 1"),
-        ({"prompt": "split", "prompt_tokens": 4}, r"onpolicy\.prompt_tokens: got 4; expected null"),
         ({"replay_capacity": -1}, r"onpolicy\.replay_capacity: got -1; expected an integer >= 0"),
         ({"replay_reuse": 1.0}, r"onpolicy\.replay_reuse: got 1\.0; expected a number in \[0, 1\)"),
         ({"seq_kd": "yes"}, r"onpolicy\.seq_kd: got 'yes'; expected true/false"),
@@ -218,3 +222,113 @@ def test_rejected_with_a_teacher_cache_and_with_pools(tmp_path):
         validate(cfg)
     with pytest.raises(ConfigError, match=r"onpolicy: expected a mapping"):
         validate({**tiny_cfg(), "onpolicy": 0.5})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# launched: ZeRO-3 generation on 2 ranks, and the trainer
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.cpu_only
+@pytest.mark.slow
+@pytest.mark.skipif(DEEPSPEED is None, reason="deepspeed launcher not found")
+def test_zero3_generation_on_two_ranks_equals_the_unsharded_student_with_one_gather_per_call(tmp_path):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _onpolicy_zero3_worker as W
+
+    from fastdistill.train.data import ByteTokenizer
+
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    cmd += [os.path.join(REPO, "tests", "_onpolicy_zero3_worker.py"), str(tmp_path)]
+    check(subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=TIMEOUT))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert ranks[0]["held"] * 2 <= ranks[0]["full"] + 64  # each rank holds its half of the student (ZeRO-3)
+    model = W.build_model().eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for key in ("2_0.0", "10_0.0", "10_0.9"):
+            new, temp = key.split("_")
+            for r, res in enumerate(ranks):
+                got = res[key]
+                assert got["calls"] == got["gathers"] == 2, got  # one all-gather per generation call
+                ref = onpolicy.OnPolicy(
+                    W.onpolicy_cfg(int(new), float(temp)), W.Packed(r), model, None, ByteTokenizer(), r, 2
+                )
+                for k in range(2):
+                    ids, labels = ref.batch(k)
+                    assert torch.equal(got["batches"][k][0], ids), (key, r, k)
+                    assert torch.equal(got["batches"][k][1], labels), (key, r, k)
+    finally:
+        torch.set_num_threads(threads)
+    # the collectives of one call do not grow with the number of generated tokens: no per-token gathering
+    for res in ranks:
+        short, long = res["2_0.0"]["collectives"], res["10_0.0"]["collectives"]
+        assert min(short) > 0 and short == long == res["10_0.9"]["collectives"], (short, long)
+        assert max(short) <= len(list(model.parameters())) + 2  # at most one all-gather per parameter tensor
+    long_rows = ranks[0]["10_0.0"]["batches"][0][1]
+    assert (long_rows != IGNORE_INDEX).sum(-1).max() > 2  # the long setting did generate more tokens
+
+
+def train(out: str, *overrides: str, nproc: int = 0, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``fastdistill train`` on the tiny config: one process without the launcher (nproc 0), else ``deepspeed``."""
+    base = [sys.executable, "-m", "fastdistill.train"]
+    if nproc:
+        base = [DEEPSPEED, "--num_gpus", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+        base += ["--module", "fastdistill.train"]
+    cmd = base + ["--config", TINY, f"run.output_dir={out}", "logging.progress_bar=false", "logging.tensorboard=false"]
+    cmd += list(overrides)
+    return subprocess.run(cmd, cwd=REPO, env=run_env(**(env or {})), capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def metrics(out: str) -> dict[int, dict]:
+    with open(os.path.join(out, "metrics.csv")) as f:
+        return {int(r["step"]): r for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+ONPOLICY = "onpolicy={fraction: 1.0, max_new_tokens: 6, temperature: 0.9, prompt_tokens: 8, replay_capacity: 2}"
+
+
+@pytest.mark.cpu_only
+@pytest.mark.slow
+@pytest.mark.skipif(DEEPSPEED is None, reason="deepspeed launcher not found")
+def test_fraction_zero_reproduces_the_off_policy_trainer(tmp_path):
+    short = ["schedule.max_steps=3", "schedule.save_every=0", "run.final_checkpoint=false", "teacher.deepspeed.stage=0"]
+    off, zero = str(tmp_path / "off"), str(tmp_path / "zero")
+    check(train(off, *short))
+    check(train(zero, *short, "onpolicy={fraction: 0.0, max_new_tokens: 4}"))
+    a, b = metrics(off), metrics(zero)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        for key in ("train/loss", "train/kd", "train/ce"):
+            assert float(a[step][key]) == float(b[step][key]), (step, key, a[step][key], b[step][key])
+        assert float(b[step]["onpolicy/student_batches"]) == 0.0
+    assert json.load(open(os.path.join(zero, "summary.json")))["onpolicy_generation_calls"] == 0
+
+
+@pytest.mark.cpu_only
+@pytest.mark.slow
+@pytest.mark.skipif(DEEPSPEED is None, reason="deepspeed launcher not found")
+def test_zero3_student_fraction_one_with_replay_kill_and_resume_follow_the_same_trajectory(tmp_path):
+    """2 ranks, teacher and student ZeRO-3, every step on-policy, a replay buffer of 2 batches; rank 0 SIGKILLs itself
+    after step 5 (checkpoint at 3), the resumed run restores the buffer and draws what the killed run would have."""
+    common = [ONPOLICY, "student.deepspeed.stage=3"]
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")
+    check(train(ref, *common, nproc=2))
+    proc = train(out, *common, nproc=2, env={"FASTDISTILL_FAULT_KILL_AT_STEP": "5"})
+    assert proc.returncode != 0
+    assert open(os.path.join(out, "checkpoints", "latest")).read().strip() == "step0000003"
+    assert os.path.isfile(os.path.join(out, "checkpoints", "step0000003", "onpolicy_rank1.pt"))
+    check(train(out, *common, nproc=2))
+    a, b = metrics(ref), metrics(out)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in a:
+        for key in ("train/loss", "onpolicy/completion_len", "onpolicy/replayed_batches"):
+            assert float(b[step].get(key) or 0) == pytest.approx(float(a[step].get(key) or 0), rel=1e-5, abs=1e-6), (
+                step,
+                key,
+            )
+    kinds = [(float(a[s]["onpolicy/student_batches"]), float(a[s]["onpolicy/replayed_batches"])) for s in a]
+    assert all(x + y == 1 for x, y in kinds)  # fraction 1: every step is the student's, generated or replayed
+    assert any(y for _, y in kinds[3:]) and any(x for x, _ in kinds[3:]), kinds  # after the resume: both kinds
+    s = json.load(open(os.path.join(ref, "summary.json")))
+    assert s["onpolicy_gathers"] == s["onpolicy_generation_calls"] == sum(x for x, _ in kinds)
+    assert 0 < s["onpolicy_mean_completion_len"] <= 6 and s["onpolicy_kd_on_student_samples"] > 0

@@ -35,13 +35,15 @@ DEFAULTS = {
     "max_new_tokens": 128,
     "temperature": 0.9,  # sampling temperature (TRL's GKD default); the loss's own is losses[].temperature
     "top_p": 1.0,
-    "prompt": "packed",  # packed: the first prompt_tokens of each packed sequence | split: the data's prompt part
-    "prompt_tokens": None,  # packed only; None: data.seq_len // 2
+    "prompt": "packed",  # packed: the first prompt_tokens of each packed sequence (the one prompt source so far)
+    "prompt_tokens": None,  # None: data.seq_len // 2
     "seq_kd": False,  # the other (1 - fraction) micro steps: the teacher's samples instead of the data's text
     "replay_capacity": 0,  # student batches kept per rank for reuse (DistiLLM); 0: no replay buffer
     "replay_reuse": 0.5,  # probability that a student micro step reuses a stored batch instead of generating
 }
-PROMPTS = ("packed", "split")
+# a prompt / completion split needs data rows that carry it (labels ignored on the prompt): the trainer's data is
+# packed text today, so "packed" is the one source; prompt_lengths already reads a split from such labels
+PROMPTS = ("packed",)
 # the loss a run with `onpolicy` gets when it names none: generalized JSD, beta 0.5 (TRL's GKDTrainer)
 DEFAULT_LOSSES = [{"type": "logit_kd", "weight": 1.0, "divergence": "jsd", "beta": 0.5, "temperature": 1.0}]
 STATE_FILE = "onpolicy_rank{rank}.pt"
@@ -81,18 +83,12 @@ def validate(out: dict, losses_given: bool) -> dict | None:
         if not ok:
             raise ConfigError(f"onpolicy.{key}: got {o[key]!r}; expected {expected}")
     seq_len = out["data"]["seq_len"]
-    if o["prompt"] == "packed":
-        if o["prompt_tokens"] is None:
-            o["prompt_tokens"] = seq_len // 2
-        if not 1 <= o["prompt_tokens"] < seq_len:
-            raise ConfigError(
-                f"onpolicy.prompt_tokens: got {o['prompt_tokens']}; expected an integer in [1, data.seq_len - 1 = "
-                f"{seq_len - 1}] (the first P tokens of each packed sequence are the prompt)"
-            )
-    elif o["prompt_tokens"] is not None:
+    if o["prompt_tokens"] is None:
+        o["prompt_tokens"] = seq_len // 2
+    if not 1 <= o["prompt_tokens"] < seq_len:
         raise ConfigError(
-            f"onpolicy.prompt_tokens: got {o['prompt_tokens']}; expected null with onpolicy.prompt 'split' (the "
-            "prompt is the part of each row whose labels are ignored)"
+            f"onpolicy.prompt_tokens: got {o['prompt_tokens']}; expected an integer in [1, data.seq_len - 1 = "
+            f"{seq_len - 1}] (the first P tokens of each packed sequence are the prompt)"
         )
     if out["teacher"]["cache"] is not None:
         raise ConfigError(
