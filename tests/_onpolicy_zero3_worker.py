@@ -77,10 +77,15 @@ def build_model():
     return build_causal_lm(None, MODEL, "float32")
 
 
-def onpolicy_cfg(max_new_tokens: int, temperature: float) -> dict:
+CASES = ((2, 0.0, False), (10, 0.0, False), (10, 0.9, False), (10, 0.9, True))
+
+
+def onpolicy_cfg(max_new_tokens: int, temperature: float, seq_kd: bool = False) -> dict:
+    """Every micro step the student's samples, or (seq_kd) every micro step the teacher's."""
     from fastdistill.train.onpolicy import DEFAULTS
 
-    o = {**DEFAULTS, "fraction": 1.0, "max_new_tokens": max_new_tokens, "temperature": temperature}
+    o = {**DEFAULTS, "max_new_tokens": max_new_tokens, "temperature": temperature}
+    o.update(fraction=0.0 if seq_kd else 1.0, seq_kd=seq_kd)
     o["prompt_tokens"] = PROMPT
     return {
         "onpolicy": o,
@@ -119,15 +124,16 @@ def main(out: str) -> None:
     held = sum(p.ds_tensor.numel() for p in student.parameters())
     full = sum(p.ds_numel for p in student.parameters())
     result = {"held": held, "full": full}
-    for new, temp in ((2, 0.0), (10, 0.0), (10, 0.9)):
-        stage = OnPolicy(onpolicy_cfg(new, temp), Packed(rank), student, None, ByteTokenizer(), rank, world)
+    for new, temp, seq_kd in CASES:
+        # seq_kd: the same sharded model stands in for a ZeRO-3 teacher (the teacher's path through the same stage)
+        stage = OnPolicy(onpolicy_cfg(new, temp, seq_kd), Packed(rank), student, student, ByteTokenizer(), rank, world)
         batches, per_call = [], []
         for k in range(2):
             dist.barrier()
             before = COLLECTIVES[0]
             batches.append(stage.batch(k))
             per_call.append(COLLECTIVES[0] - before)
-        result[f"{new}_{temp}"] = {
+        result[(new, temp, seq_kd)] = {
             "batches": batches,
             "collectives": per_call,
             "calls": stage.calls,

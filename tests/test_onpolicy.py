@@ -245,14 +245,11 @@ def test_zero3_generation_on_two_ranks_equals_the_unsharded_student_with_one_gat
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for key in ("2_0.0", "10_0.0", "10_0.9"):
-            new, temp = key.split("_")
+        for key in W.CASES:
             for r, res in enumerate(ranks):
                 got = res[key]
                 assert got["calls"] == got["gathers"] == 2, got  # one all-gather per generation call
-                ref = onpolicy.OnPolicy(
-                    W.onpolicy_cfg(int(new), float(temp)), W.Packed(r), model, None, ByteTokenizer(), r, 2
-                )
+                ref = onpolicy.OnPolicy(W.onpolicy_cfg(*key), W.Packed(r), model, model, ByteTokenizer(), r, 2)
                 for k in range(2):
                     ids, labels = ref.batch(k)
                     assert torch.equal(got["batches"][k][0], ids), (key, r, k)
@@ -261,10 +258,10 @@ def test_zero3_generation_on_two_ranks_equals_the_unsharded_student_with_one_gat
         torch.set_num_threads(threads)
     # the collectives of one call do not grow with the number of generated tokens: no per-token gathering
     for res in ranks:
-        short, long = res["2_0.0"]["collectives"], res["10_0.0"]["collectives"]
-        assert min(short) > 0 and short == long == res["10_0.9"]["collectives"], (short, long)
+        short, long = res[W.CASES[0]]["collectives"], res[W.CASES[1]]["collectives"]
+        assert min(short) > 0 and all(res[c]["collectives"] == short for c in W.CASES), (short, long)
         assert max(short) <= len(list(model.parameters())) + 2  # at most one all-gather per parameter tensor
-    long_rows = ranks[0]["10_0.0"]["batches"][0][1]
+    long_rows = ranks[0][W.CASES[1]]["batches"][0][1]
     assert (long_rows != IGNORE_INDEX).sum(-1).max() > 2  # the long setting did generate more tokens
 
 
