@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export DS_BUILD_OPS := 0
 PYTEST_ARGS ?=
 
-.PHONY: all install ext test test-stress demo demo-cache bench bench-trainer gpu-check triton-aot lint clean data-weak-labels demo-weak-labels demo-socratic
+.PHONY: all install ext test test-stress demo demo-cache bench bench-trainer bench-onpolicy gpu-check triton-aot lint clean data-weak-labels demo-weak-labels demo-socratic
 
 all: test
 
@@ -136,6 +136,10 @@ bench: install
 bench-trainer: install
 	$(PY) -m pip install -q trl
 	$(PY) benchmarks/bench_trainer.py --preset cpu
+
+# on-policy distillation: fastdistill against TRL's GKDTrainer (lmbda=1), ZeRO-3 against unsharded generation
+bench-onpolicy: install
+	$(PY) benchmarks/bench_onpolicy.py --preset cpu
 
 # On a machine with a GPU: the CUDA tests and the GPU benchmarks in one call; CSVs land in benchmarks/results/
 gpu-check: install

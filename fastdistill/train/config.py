@@ -112,6 +112,8 @@ SCHEMA: dict[str, Any] = {
     },
     # a teacher pool and student pools in one launch (fastdistill.train.pools); null: colocated
     "pools": (_opt((dict,)), None),
+    # on-policy distillation: the student (or, seq_kd, the teacher) writes the completions (fastdistill.train.onpolicy)
+    "onpolicy": (_opt((dict,)), None),
 }
 LOSS_SCHEMA = {
     "logit_kd": {
@@ -407,6 +409,10 @@ def validate(cfg: dict) -> dict:
     kd = next((x for x in out["losses"] if x["type"] == "logit_kd"), None)
     if kd is not None and kd.get("topk") and run["loss_impl"] != "fused":
         raise ConfigError("losses[].topk: sparse top-k KD needs run.loss_impl 'fused', got 'unfused'")
+    if out["onpolicy"] is not None:
+        from fastdistill.train import onpolicy
+
+        out["onpolicy"] = onpolicy.validate(out, losses_given=isinstance(cfg, dict) and "losses" in cfg)
     if out["pools"] is not None:
         from fastdistill.train.pools import validate_pools
 

@@ -211,7 +211,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(engine, cfg: dict, step: int, rank: int, keep: int) -> str:
+def save_checkpoint(engine, cfg: dict, step: int, rank: int, keep: int, stage=None) -> str:
     """DeepSpeed's checkpoint of the student (weights, optimizer, scheduler) + data position + per-rank RNG + config.
     DeepSpeed writes ``latest`` last, so a run killed while saving resumes from the previous complete checkpoint."""
     import torch.distributed as dist
@@ -221,6 +221,8 @@ def save_checkpoint(engine, cfg: dict, step: int, rank: int, keep: int) -> str:
     folder = os.path.join(root, tag)
     os.makedirs(folder, exist_ok=True)
     torch.save(rng_state(), os.path.join(folder, f"rng_rank{rank}.pt"))
+    if stage is not None:  # a generation stage's own state (the on-policy replay buffer), before `latest`
+        stage.save(folder, rank)
     if rank == 0:
         dump_config(cfg, os.path.join(folder, "config.yaml"))
         resume_lib.write_state(folder, step, dist.get_world_size())
@@ -243,7 +245,7 @@ def save_checkpoint(engine, cfg: dict, step: int, rank: int, keep: int) -> str:
     return folder
 
 
-def load_checkpoint(engine, where: str, rank: int, world_size: int) -> int:
+def load_checkpoint(engine, where: str, rank: int, world_size: int, stage=None) -> int:
     if os.path.isfile(os.path.join(where, "latest")):
         root, tag = where, None
     else:  # a step folder
@@ -264,6 +266,9 @@ def load_checkpoint(engine, where: str, rank: int, world_size: int) -> int:
             "RNG state not restored",
             flush=True,
         )
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    if stage is not None and not stage.load(folder, rank) and rank == 0:
+        print("fastdistill: no on-policy state for this world size in the checkpoint; replay buffer empty", flush=True)
     return int(state["step"])
 
 
@@ -437,6 +442,11 @@ def run(cfg: dict) -> dict:
     else:
         student.module.set_teacher_head(teacher_weight)
     loss_fn: DistillLoss = student.module.loss_fn
+    stage = None  # on-policy: the student (or the teacher) writes the completions the teacher then scores
+    if cfg.get("onpolicy"):
+        from fastdistill.train.onpolicy import OnPolicy
+
+        stage = OnPolicy(cfg, sampler, student.module.model, teacher_model, tokenizer, rank, world)
     needs_states = loss_fn.needs_hidden_states
     teacher_attention_layers = sorted(set(loss_fn.attention_layers.values()))
 
@@ -446,7 +456,7 @@ def run(cfg: dict) -> dict:
     if plan is not None:
         where = plan.resume_folder(plan.committed())
     if where is not None:
-        start_step = load_checkpoint(student, where, rank, world)
+        start_step = load_checkpoint(student, where, rank, world, stage)
         say(f"resumed from {where} at step {start_step}")
     metrics = Metrics(out_dir, cfg["logging"]["tensorboard"], start_step if where else None) if rank == 0 else None
 
@@ -501,7 +511,7 @@ def run(cfg: dict) -> dict:
     elif plan is not None:  # the teacher pool's records (waits only when the teacher is behind)
         source = plan
     else:
-        source = OnlineTeacher(teacher, sampler, needs_states, teacher_attention_layers)
+        source = OnlineTeacher(teacher, stage or sampler, needs_states, teacher_attention_layers)
     step = start_step
     step_seconds: list[float] = []
     wait_total = 0.0
@@ -522,6 +532,8 @@ def run(cfg: dict) -> dict:
             t_teacher, t_student = t_teacher + t1 - t0, t_student + t2 - t1
             for k, v in {"loss": loss.detach().float(), **parts}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / ga
+            if stage is not None:
+                stage.record(parts)
             del loss, parts
         step += 1
         # mean over ranks, so the logged trajectory is the same on every rank and comparable across launches
@@ -539,6 +551,9 @@ def run(cfg: dict) -> dict:
                 "perf/student_s": t_student,
             }
         )
+        if stage is not None:  # generation ran inside the teacher source's batch(): not the teacher's time
+            row.update(stage.take_stats(elapsed))
+            row["perf/teacher_s"] -= row["onpolicy/generate_s"]
         if plan is not None:
             st = plan.take_stats()  # t_teacher is the wait for the teacher pool's records
             row.update(
@@ -572,7 +587,7 @@ def run(cfg: dict) -> dict:
             if metrics:
                 metrics.log(step, {"eval/student_ppl": s_ppl})
         if sched["save_every"] and step % sched["save_every"] == 0 and step < sched["max_steps"]:
-            save_checkpoint(student, cfg, step, rank, cfg["run"]["keep_checkpoints"])
+            save_checkpoint(student, cfg, step, rank, cfg["run"]["keep_checkpoints"], stage)
             if plan is not None:
                 plan.saved(step)
         if plan is not None and step == kill_at:
@@ -612,9 +627,11 @@ def run(cfg: dict) -> dict:
     if cfg["run"]["final_checkpoint"] and (
         step > start_step or not os.path.isfile(os.path.join(out_dir, CHECKPOINTS, "latest"))
     ):
-        save_checkpoint(student, cfg, step, rank, cfg["run"]["keep_checkpoints"])
+        save_checkpoint(student, cfg, step, rank, cfg["run"]["keep_checkpoints"], stage)
         if plan is not None:
             plan.saved(step)
+    if stage is not None:
+        summary.update(stage.summary(train_s))
     if plan is not None:
         summary.update(
             wait_seconds=wait_total,
