@@ -399,6 +399,11 @@ def test_opcheck_row_ops():
     torch.library.opcheck(
         torch.ops.fastdistill.distill_loss_rows.default, (s, t, None, scale, 0, 0.0, 1.0, IGNORE, 1.0, False)
     )
+    # a narrower teacher with the fused CE: the common width (v_common) of the row contract
+    torch.library.opcheck(
+        torch.ops.fastdistill.distill_loss_rows.default,
+        (s, t[:, :60], labels, scale, 0, 0.0, 1.0, IGNORE, 1.0, True, 0.5, 1.0, 60),
+    )
     target = torch.randn(5, 67).softmax(-1)
     torch.library.opcheck(torch.ops.fastdistill.kl_div_rows.default, (s.log_softmax(-1), target, scale, False, True))
 
