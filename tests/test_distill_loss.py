@@ -167,7 +167,9 @@ COMMON_WIDTH_CASES = [
 
 @pytest.mark.parametrize("backend, divergence, ce_scale", COMMON_WIDTH_CASES)
 def test_row_kernel_common_width(backend, divergence, ce_scale, seed):
-    N, Vs, Vt = 9, 1031, 1000  # several Triton tiles in both parts of the row, a ragged tail
+    # several Triton tiles in both parts of the row, a ragged tail; enough rows that torch's error (the yardstick) is
+    # not one lucky draw (at 9 rows the ratio of two equally accurate gradients reached 2.2 in 1 seed of 30)
+    N, Vs, Vt = 48, 1031, 1000
     T = 1.0 if ce_scale else 1.7  # T = 1 with CE: the student statistics cannot be shared with CE over [:Vc]
     g = generator(seed)
     s = (torch.randn(N, Vs, generator=g, dtype=torch.float64) * 3).float().to(DEVICE)
@@ -214,22 +216,22 @@ PADDING_CASES = [
 def test_padding_mismatch_matches_reference(backend, divergence, reduction, seed):
     """distill_loss with Vt < Vs (and once Vt > Vs): the row kernel's common width, no sliced copies; the student's
     extra entries get gradient 0."""
-    s, _, labels = _inputs((3, 7, 211), seed)
-    t = _inputs((3, 7, 200), seed + 1)[1]
+    s, _, labels = _inputs((3, 16, 211), seed)
+    t = _inputs((3, 16, 200), seed + 1)[1]
     kw = dict(divergence=divergence, reduction=reduction, temperature=1.5, beta=0.3)
-    go = torch.full((3, 7), 0.6, device=DEVICE) if reduction == "none" else None
+    go = torch.full((3, 16), 0.6, device=DEVICE) if reduction == "none" else None
     ref = _reference(s[..., :200], t, labels, **kw)
     eager = _torch(s[..., :200], t, labels, go, **kw)
     loss, grad = _ours(s, t, labels, backend, go, **kw)
     if go is not None:
         ref = (ref[0], ref[1] * 0.6)
-    assert_within_torch_error(loss, ref[0], eager[0], summands=200 if loss.dim() else 21 * 200, what=f"loss {kw}")
+    assert_within_torch_error(loss, ref[0], eager[0], summands=200 if loss.dim() else 48 * 200, what=f"loss {kw}")
     assert_within_torch_error(grad[..., :200], ref[1], eager[1], what=f"grad {kw}")
     assert torch.equal(grad[..., 200:], torch.zeros_like(grad[..., 200:]))
     if divergence == "jsd" and reduction == "batchmean":  # a wider teacher: its extra columns are not read
         t_wide = torch.cat([t, torch.full_like(t[..., :11], float("nan"))], dim=-1)
         loss_w, grad_w = _ours(s[..., :200], t_wide, labels, backend, **kw)
-        assert_within_torch_error(loss_w, ref[0], eager[0], summands=21 * 200, what="loss, Vt > Vs")
+        assert_within_torch_error(loss_w, ref[0], eager[0], summands=48 * 200, what="loss, Vt > Vs")
         assert_within_torch_error(grad_w, ref[1], eager[1], what="grad, Vt > Vs")
 
 
