@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "divergences.h"
@@ -36,6 +37,15 @@ inline bool is_supported_float(at::ScalarType t) {
   TORCH_CHECK((a).device() == (b).device(), #a " is on ", (a).device(), " but " #b " is on ", (b).device(),    \
               "; expected the same device")
 
+// the same number of rows, dtype and device; the widths may differ (see checked_common_width)
+#define FD_CHECK_SAME_ROWS(a, b)                                                                                \
+  TORCH_CHECK((a).size(0) == (b).size(0), #a " has ", (a).size(0), " rows but " #b " has ", (b).size(0),      \
+              "; expected the same number of rows");                                                          \
+  TORCH_CHECK((a).scalar_type() == (b).scalar_type(), #a " has dtype ", (a).scalar_type(), " but " #b          \
+              " has dtype ", (b).scalar_type(), "; expected the same dtype");                                   \
+  TORCH_CHECK((a).device() == (b).device(), #a " is on ", (a).device(), " but " #b " is on ", (b).device(),    \
+              "; expected the same device")
+
 // one integer label per row, on the rows' device
 #define FD_CHECK_LABELS(labels, rows)                                                                           \
   TORCH_CHECK(at::isIntegralType((labels).scalar_type(), /*includeBool=*/false), #labels " has dtype ",       \
@@ -62,6 +72,17 @@ inline int64_t checked_divergence(int64_t divergence, double beta, double temper
   TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), "temperature=", temperature,
               " is out of range; expected a finite value > 0");
   return canonical_divergence(divergence, beta);
+}
+
+// The common vocabulary width Vc of distill_loss_rows: -1 means min(Vs, Vt); otherwise 1 <= Vc <= min(Vs, Vt) (0 only
+// for an empty student row).
+inline int64_t checked_common_width(int64_t v_common, int64_t v_student, int64_t v_teacher) {
+  const int64_t widest = std::min(v_student, v_teacher);
+  if (v_common == -1) return widest;
+  TORCH_CHECK(v_common >= std::min<int64_t>(1, v_student) && v_common <= widest, "v_common=", v_common,
+              " is out of range; expected -1 (min of the widths) or a width in [1, min(Vs=", v_student, ", Vt=",
+              v_teacher, ")]");
+  return v_common;
 }
 
 }  // namespace fastdistill

@@ -20,15 +20,17 @@ static_assert(kNumDivergences == 6 && kForwardKL == 0 && kReverseKL == 1 && kJSD
               "csrc/divergences.h changed: update the kernels' dispatch in cpu_kernels_impl.h");
 
 struct DistillRowsArgs {
-  const void* student;  // [N, V] rows, unit stride inside a row
-  const void* teacher;  // [N, V]
+  const void* student;  // [N, Vs] rows, unit stride inside a row
+  const void* teacher;  // [N, Vt] rows, Vt >= vocab_common; only the first vocab_common entries are read
   int64_t student_row_stride;
   int64_t teacher_row_stride;
   const int64_t* labels;  // [N] or nullptr
   int64_t ignore_index;
   void* grad;    // [N, V] contiguous, student dtype; nullptr: no gradient work
   float* loss;   // [N]
-  int64_t vocab;
+  int64_t vocab;         // Vs: the student's row (the gradient's width and the cross-entropy's softmax)
+  int64_t vocab_common;  // Vc <= Vs: the divergence's softmaxes span [0, Vc) of both rows; the gradient of the
+                         // columns [Vc, Vs) is the cross-entropy's alone (0 without it)
   int64_t divergence;
   double beta;
   double inv_temperature;

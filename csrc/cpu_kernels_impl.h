@@ -13,8 +13,11 @@
 //   pass 3   JSD / TVD / skew KL: the gradient dL/ds'_j = ps_j (a_j - S).
 // The forward KL with a gradient (the common training case) runs forward_kl_row_cached instead: pass 1 goes block by
 // block (max, then exp) and keeps its exps, so pass 2 needs no exp at all.
-// Fused cross-entropy term (args.ce_rows != nullptr): at T == 1 the student's running max / sum of pass 1 are also
-// the CE's log-sum-exp; at T != 1 pass 1 keeps one more online sum over the raw student row. The passes that write the
+// Common vocabulary width (args.vocab_common = Vc <= Vs = args.vocab, a teacher narrower than the student): the passes
+// above span the columns [0, Vc) of both rows; the student's columns [Vc, Vs) are in the cross-entropy only (pass 1
+// adds them to its online sum, the gradient pass writes its term there) and get gradient 0 without it.
+// Fused cross-entropy term (args.ce_rows != nullptr): at T == 1 (and Vc == Vs) the student's running max / sum of
+// pass 1 are also the CE's log-sum-exp; otherwise pass 1 keeps one more online sum over the raw student row. The passes that write the
 // gradient add ce_c softmax(s) to it and then subtract ce_c at the label (ce_c = grad_scale * ce_scale).
 // log p is always formed as (x' - max) - log(sum), never x' - lse in float32, which would lose ~1e-4 for logits of
 // 1e4 (the kernel files turn off -ffast-math's reassociation so the compiler keeps that order).
@@ -266,6 +269,16 @@ inline Vec<acc_t> raw_chunk(const scalar_t* s, int64_t j, int64_t n) {
                                  : load_tail<acc_t>(s + j, n, -std::numeric_limits<acc_t>::infinity());
 }
 
+// Calls f(raw chunk, offset, count) over the student's columns [j0, j1) (the cross-entropy-only tail [Vc, Vs)).
+template <typename acc_t, typename scalar_t, typename F>
+inline void for_each_raw_chunk(const scalar_t* s, int64_t j0, int64_t j1, F&& f) {
+  constexpr int64_t W = Vec<acc_t>::size();
+  for (int64_t j = j0; j < j1; j += W) {
+    const int64_t n = std::min<int64_t>(W, j1 - j);
+    f(raw_chunk<acc_t>(s, j, n), j, n);
+  }
+}
+
 // The label's cross-entropy lse - s[label] (in double) and the -ce_c correction of the label's gradient entry.
 template <typename scalar_t>
 inline void finish_ce(const DistillRowsArgs& args, const scalar_t* s, scalar_t* g, int64_t label, double lse,
@@ -280,11 +293,13 @@ template <typename scalar_t, typename acc_t, int64_t kDiv>
 void distill_row(const DistillRowsArgs& args, const scalar_t* s, const scalar_t* t, scalar_t* g, float* loss,
                  int64_t label, float* ce) {
   using V = Vec<acc_t>;
-  const int64_t n_vocab = args.vocab;
+  const int64_t n_vocab = args.vocab_common;  // the divergence's columns [0, Vc)
+  const int64_t n_student = args.vocab;       // the student's row [0, Vs): CE and the gradient
   const acc_t inv_t = static_cast<acc_t>(args.inv_temperature);
   const V zero(0);
   const bool with_ce = ce != nullptr;
-  const bool ce_shared = args.inv_temperature == 1.0;  // then the CE's lse is the student's lse of pass 1
+  // then the CE's lse is the student's lse of pass 1
+  const bool ce_shared = args.inv_temperature == 1.0 && n_vocab == n_student;
 
   // pass 1: online log-sum-exp of both rows (+ the KL's weighted sum, + the raw student's for CE at T != 1)
   OnlineLse<acc_t> os, ot, oc;
@@ -310,6 +325,13 @@ void distill_row(const DistillRowsArgs& args, const scalar_t* s, const scalar_t*
     os.tick();
     ot.tick();
   });
+  if (with_ce) {  // the CE-only columns [Vc, Vs) (none when Vc == Vs)
+    for_each_raw_chunk<acc_t>(s, n_vocab, n_student, [&](const V& x, int64_t, int64_t) {
+      bad = bad | (x != x);
+      oc.template add<false>(x);
+      oc.tick();
+    });
+  }
   const auto rs = os.finish();
   const auto rt = ot.finish();
   const double inf = std::numeric_limits<double>::infinity();
@@ -318,7 +340,7 @@ void distill_row(const DistillRowsArgs& args, const scalar_t* s, const scalar_t*
       std::isnan(rc.lse)) {
     *loss = std::numeric_limits<float>::quiet_NaN();
     if (with_ce) *ce = std::numeric_limits<float>::quiet_NaN();
-    if (g != nullptr) fill_row(g, n_vocab, std::numeric_limits<float>::quiet_NaN());
+    if (g != nullptr) fill_row(g, n_student, std::numeric_limits<float>::quiet_NaN());
     return;
   }
   // log p = (x' - max) - log(sum): the max is one of the inputs, so x' - max is exact when they are close, and the
@@ -335,6 +357,17 @@ void distill_row(const DistillRowsArgs& args, const scalar_t* s, const scalar_t*
     if (!with_ce) return grad;
     const V x = ce_shared ? xs : raw_chunk<acc_t>(s, j, n);
     return grad + vexp((x - max_c) - log_z_c) * ce_c;
+  };
+  // the gradient of the columns [Vc, Vs): the CE's ce_c softmax(s) (the label's -ce_c comes in finish_ce), else 0
+  auto write_tail = [&]() {
+    if (n_student == n_vocab) return;
+    if (!with_ce) {
+      fill_row(g + n_vocab, n_student - n_vocab, 0.0f);
+      return;
+    }
+    for_each_raw_chunk<acc_t>(s, n_vocab, n_student, [&](const V& x, int64_t j, int64_t n) {
+      store<scalar_t>(g + j, vexp((x - max_c) - log_z_c) * ce_c, n);
+    });
   };
 
   if constexpr (kDiv == kForwardKL || kDiv == kReverseKL) {
@@ -357,6 +390,7 @@ void distill_row(const DistillRowsArgs& args, const scalar_t* s, const scalar_t*
       }
       store<scalar_t>(g + j, add_ce(grad, xs, j, n), n);
     });
+    write_tail();
     if (with_ce) finish_ce(args, s, g, label, rc.lse, ce);
   } else {
     const ThreePass<acc_t, kDiv> div(args.beta);
@@ -385,6 +419,7 @@ void distill_row(const DistillRowsArgs& args, const scalar_t* s, const scalar_t*
       div.eval(lps, lpt, ps, vexp(lpt), term, a);
       store<scalar_t>(g + j, add_ce(safe_mul(ps, a - sum_pa) * grad_c, xs, j, n), n);
     });
+    write_tail();
     if (with_ce) finish_ce(args, s, g, label, rc.lse, ce);
   }
 }
@@ -422,7 +457,7 @@ void forward_kl_row_cached(const DistillRowsArgs& args, const scalar_t* s, const
                            float* loss, int64_t label, float* ce) {
   using V = Vec<acc_t>;
   constexpr int64_t W = V::size();
-  const int64_t n_vocab = args.vocab;
+  const int64_t n_vocab = args.vocab_common;  // routed here only when the CE is off or Vc == Vs
   const int64_t n_blocks = (n_vocab + kBlock - 1) / kBlock;
   const V inv_t(static_cast<acc_t>(args.inv_temperature));
   const acc_t lowest = std::numeric_limits<acc_t>::lowest();
@@ -496,7 +531,7 @@ void forward_kl_row_cached(const DistillRowsArgs& args, const scalar_t* s, const
   if (any_lane(bad) || ms == inf || mt == inf || std::isnan(lse_s) || std::isnan(lse_t)) {
     *loss = std::numeric_limits<float>::quiet_NaN();
     if (ce != nullptr) *ce = std::numeric_limits<float>::quiet_NaN();
-    fill_row(g, n_vocab, std::numeric_limits<float>::quiet_NaN());
+    fill_row(g, args.vocab, std::numeric_limits<float>::quiet_NaN());
     return;
   }
   // KL(pt || ps) = sum pt (t' - s') - lse_t + lse_s
@@ -517,6 +552,7 @@ void forward_kl_row_cached(const DistillRowsArgs& args, const scalar_t* s, const
       store<scalar_t>(g + j, es * cs - et * ct, n);
     }
   }
+  if (args.vocab > n_vocab) fill_row(g + n_vocab, args.vocab - n_vocab, 0.0f);  // no CE here: the tail's gradient is 0
   if (ce != nullptr) finish_ce(args, s, g, label, lse_s, ce);
 }
 
@@ -542,9 +578,9 @@ void distill_rows_typed(const DistillRowsArgs& args, int64_t begin, int64_t end)
     const int64_t label = ce != nullptr ? args.labels[i] : 0;
     switch (args.divergence) {
       case kForwardKL:
-        // the cached kernel shares the student's exps with CE only at T == 1; otherwise the generic row keeps the
-        // raw student's extra online sum in its pass 1
-        if (g != nullptr && (ce == nullptr || args.inv_temperature == 1.0)) {
+        // the cached kernel shares the student's exps with CE only at T == 1 over the full row; otherwise the generic
+        // row keeps the raw student's extra online sum in its pass 1
+        if (g != nullptr && (ce == nullptr || (args.inv_temperature == 1.0 && args.vocab_common == n_vocab))) {
           forward_kl_row_cached<scalar_t, acc_t>(args, s, t, g, loss, label, ce);
         } else {
           distill_row<scalar_t, acc_t, kForwardKL>(args, s, t, g, loss, label, ce);

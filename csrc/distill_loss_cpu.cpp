@@ -55,12 +55,13 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_rows_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
     const at::Tensor& grad_scale, int64_t divergence, double beta, double temperature, int64_t ignore_index,
-    double loss_scale, bool need_grad, double ce_scale, double soft_scale) {
+    double loss_scale, bool need_grad, double ce_scale, double soft_scale, int64_t v_common) {
   FD_CHECK_CPU(student);
   FD_CHECK_FLOAT(student);
   FD_CHECK_ROWS(student);
   FD_CHECK_ROWS(teacher);
-  FD_CHECK_SAME(student, teacher);
+  FD_CHECK_SAME_ROWS(student, teacher);
+  const int64_t vocab_common = checked_common_width(v_common, student.size(1), teacher.size(1));
   FD_CHECK_CPU(grad_scale);
   FD_CHECK_SCALE(grad_scale);
   const int64_t div = checked_divergence(divergence, beta, temperature);
@@ -99,6 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_rows_cpu(
   args.grad = need_grad ? grad.data_ptr() : nullptr;
   args.loss = loss.data_ptr<float>();
   args.vocab = vocab;
+  args.vocab_common = vocab_common;
   args.divergence = div;
   args.beta = beta;
   args.inv_temperature = 1.0 / temperature;

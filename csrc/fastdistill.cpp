@@ -14,7 +14,7 @@ TORCH_LIBRARY(fastdistill, m) {
   m.def(
       "distill_loss_rows(Tensor student, Tensor teacher, Tensor? labels, Tensor grad_scale, int divergence, "
       "float beta, float temperature, int ignore_index, float loss_scale, bool need_grad, float ce_scale=0.0, "
-      "float soft_scale=1.0) "
+      "float soft_scale=1.0, int v_common=-1) "
       "-> (Tensor, Tensor, Tensor)");
   m.def(
       "kl_div_rows(Tensor input, Tensor target, Tensor grad_scale, bool log_target, bool need_grad) "

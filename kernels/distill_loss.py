@@ -23,9 +23,13 @@ The student gradient is grad_scale * soft_scale * loss_scale / T * dD / dz. Term
 the guards test ``p == 0`` rather than ``p > 0`` so that NaN inputs still propagate to a NaN loss.
 
 Fused cross-entropy (HAS_CE, ``ce_rows_ptr`` given): ce = lse(s) - s[label] on the raw logits, and the passes that
-write the gradient add ce_coef (softmax(s) - onehot(label)) with ce_coef = grad_scale * ce_scale. At T == 1
-(CE_SHARED) softmax(s) is ps, whose max and sum-exp pass 1 already has; otherwise pass 1 also keeps the online max and
-sum-exp of the raw row (no extra pass).
+write the gradient add ce_coef (softmax(s) - onehot(label)) with ce_coef = grad_scale * ce_scale. At T == 1 over the
+full row (CE_SHARED) softmax(s) is ps, whose max and sum-exp pass 1 already has; otherwise pass 1 also keeps the online
+max and sum-exp of the raw row (no extra pass).
+
+Common width (HAS_TAIL: VC < V, a teacher narrower than the student): the divergence's passes span the columns
+[0, VC) of both rows; the student's columns [VC, V) enter the CE's online sum at the end of pass 1 and get the CE's
+gradient alone (0 without it) after the last gradient pass.
 """
 
 import triton
@@ -119,7 +123,8 @@ def _add_ce_grad(b_g, b_x, b_mc, log_sc, o_col, label, ce_coef):
         "NEED_GRAD": lambda args: args["grad_ptr"] is not None,
         "TWO_PASS": lambda args: args["DIVERGENCE"] in TWO_PASS_IDS,
         "HAS_CE": lambda args: args["ce_rows_ptr"] is not None,
-        "CE_SHARED": lambda args: args["inv_temperature"] == 1.0,
+        "HAS_TAIL": lambda args: args["VC"] < args["V"],
+        "CE_SHARED": lambda args: args["inv_temperature"] == 1.0 and args["VC"] == args["V"],
     }
 )
 @triton.jit
@@ -135,6 +140,7 @@ def distill_loss_rows_kernel(
     stride_t,
     stride_g,
     V,
+    VC,
     inv_temperature,
     beta,
     log_beta,
@@ -149,6 +155,7 @@ def distill_loss_rows_kernel(
     NEED_GRAD: tl.constexpr,
     TWO_PASS: tl.constexpr,
     HAS_CE: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
     CE_SHARED: tl.constexpr,
 ):
     # int64 row index: row * stride reaches N * V, which passes 2^31 for e.g. 8192 tokens x 128256 vocabulary
@@ -173,8 +180,8 @@ def distill_loss_rows_kernel(
         b_acc = 0.0  # forward KL: sum exp(y - my) (y - z); reverse KL: sum exp(z - mz) (z - y)
         b_mr = float("-inf")  # CE at T != 1: online max / sum-exp of the raw student row
         b_sr = 0.0
-        for v0 in range(0, V, BLOCK_V):
-            m_v, b_z, b_y = _load_tiles(p_s, p_t, v0, o_v, V, inv_temperature, "")
+        for v0 in range(0, VC, BLOCK_V):
+            m_v, b_z, b_y = _load_tiles(p_s, p_t, v0, o_v, VC, inv_temperature, "")
             if HAS_CE and not CE_SHARED:
                 b_r = tl.load(p_s + v0 + o_v, mask=m_v, other=float("-inf")).to(tl.float32)  # [BLOCK_V]
                 b_mr_new = tl.maximum(b_mr, tl.max(b_r, axis=0))
@@ -194,13 +201,20 @@ def distill_loss_rows_kernel(
                 b_acc = b_acc * b_alpha_z + tl.sum(tl.where(b_ez == 0, 0.0, b_ez * (b_z - b_y)), axis=0)
             b_mz = b_mz_new
             b_my = b_my_new
+        if HAS_CE and HAS_TAIL:
+            # the student's CE-only columns [VC, V): into the raw row's online max / sum-exp
+            for v0 in range(VC, V, BLOCK_V):
+                b_r = tl.load(p_s + v0 + o_v, mask=v0 + o_v < V, other=float("-inf")).to(tl.float32)  # [BLOCK_V]
+                b_mr_new = tl.maximum(b_mr, tl.max(b_r, axis=0))
+                b_sr = b_sr * tl.exp(b_mr - _safe_max(b_mr_new)) + tl.sum(tl.exp(b_r - _safe_max(b_mr_new)), axis=0)
+                b_mr = b_mr_new
         # log p = (x - m) - log S, never x - (m + log S): m + log S would round to the ulp of m (1e-3 at logits of
         # 1e4), while x - m is exact near the max. A row that is all -inf gives NaN here, like log_softmax.
         log_sz = tl.log(b_sz)
         log_sy = tl.log(b_sy)
         # The passes alternate direction so that each starts on the tiles the previous one read last, which are the
         # likeliest to still be in L2 (a bf16 row pair of a 128k vocabulary is 0.5 MB, too much to keep whole).
-        n_tiles = tl.cdiv(V, BLOCK_V)
+        n_tiles = tl.cdiv(VC, BLOCK_V)
         b_mc = b_mz  # the CE's max and log sum-exp: the student's own at T == 1
         log_sc = log_sz
         ce_coef = 0.0
@@ -224,7 +238,7 @@ def distill_loss_rows_kernel(
                 b_coef = tl.load(grad_scale_ptr).to(tl.float32) * soft_scale * loss_scale * inv_temperature
                 for i_v in range(0, n_tiles):
                     v0 = (n_tiles - 1 - i_v) * BLOCK_V
-                    m_v, b_z, b_y = _load_tiles(p_s, p_t, v0, o_v, V, inv_temperature, "evict_first")
+                    m_v, b_z, b_y = _load_tiles(p_s, p_t, v0, o_v, VC, inv_temperature, "evict_first")
                     b_ls = (b_z - b_mz) - log_sz  # [BLOCK_V] log ps
                     b_lt = (b_y - b_my) - log_sy  # [BLOCK_V] log pt
                     b_ps = tl.exp(b_ls)
@@ -252,7 +266,7 @@ def distill_loss_rows_kernel(
             b_c = 0.0
             for i_v in range(0, n_tiles):
                 v0 = (n_tiles - 1 - i_v) * BLOCK_V
-                m_v, b_z, b_y = _load_tiles(p_s, p_t, v0, o_v, V, inv_temperature, "")
+                m_v, b_z, b_y = _load_tiles(p_s, p_t, v0, o_v, VC, inv_temperature, "")
                 b_ps, b_d, b_a = _element_terms(
                     (b_z - b_mz) - log_sz, (b_y - b_my) - log_sy, beta, log_beta, log_1m_beta, DIVERGENCE
                 )
@@ -263,8 +277,8 @@ def distill_loss_rows_kernel(
             if NEED_GRAD:
                 # ---- pass 3 (head to tail): grad = coef * ps (a - c)
                 b_coef = tl.load(grad_scale_ptr).to(tl.float32) * soft_scale * loss_scale * inv_temperature
-                for v0 in range(0, V, BLOCK_V):
-                    m_v, b_z, b_y = _load_tiles(p_s, p_t, v0, o_v, V, inv_temperature, "evict_first")
+                for v0 in range(0, VC, BLOCK_V):
+                    m_v, b_z, b_y = _load_tiles(p_s, p_t, v0, o_v, VC, inv_temperature, "evict_first")
                     b_ps, b_d, b_a = _element_terms(
                         (b_z - b_mz) - log_sz, (b_y - b_my) - log_sy, beta, log_beta, log_1m_beta, DIVERGENCE
                     )
@@ -281,6 +295,15 @@ def distill_loss_rows_kernel(
                         mask=m_v,
                         eviction_policy="evict_first",
                     )
+        if NEED_GRAD and HAS_TAIL:
+            # ---- the student's columns [VC, V): the CE's gradient alone, or 0
+            for v0 in range(VC, V, BLOCK_V):
+                m_v = v0 + o_v < V
+                b_g = tl.zeros([BLOCK_V], dtype=tl.float32)
+                if HAS_CE:
+                    b_r = tl.load(p_s + v0 + o_v, mask=m_v, other=float("-inf")).to(tl.float32)  # [BLOCK_V]
+                    b_g = _add_ce_grad(b_g, b_r, b_mc, log_sc, v0 + o_v, label, ce_coef)
+                tl.store(p_g + v0 + o_v, b_g.to(grad_ptr.dtype.element_ty), mask=m_v, eviction_policy="evict_first")
     else:
         # ignored row: loss 0 and gradient 0, without reading the logits
         tl.store(loss_ptr + i_n, 0.0)

@@ -1,13 +1,17 @@
 """Triton kernels of the sparse top-k distillation term (one program per row of a chunk of student logits).
 
-``topk_stats_kernel``: one pass over the vocabulary computing the student's logsumexp at temperature T, at T = 1 (for
-the cross-entropy term, sharing the same loads) and the exact log of the student's mass outside the teacher's top k
-(a sum over the non-top-k tokens, not 1 - sum(top k), so a tiny tail keeps its relative precision).
+``topk_stats_kernel``: one pass over the vocabulary computing the student's softmax statistics at temperature T and
+at T = 1 (for the cross-entropy term, sharing the same loads), each as a max m and log sum exp(x - m) kept apart, and
+the exact log of the student's mass outside the teacher's top k (a sum over the non-top-k tokens, not
+1 - sum(top k), so a tiny tail keeps its relative precision).
 
 ``topk_grad_kernel``: writes d loss / d logits for one row:
 
-    soft:  p_v (a [v not in top k] - G) + g_j [v = idx_j]       (a, G, g_j already scaled by the caller)
-    hard:  hard_scale (exp(s_v - lse1) - [v = label])
+    soft:  p_v tail_coef [v not in top k] + k_coef_j [v = idx_j]     (both already scaled by the caller)
+    hard:  hard_scale (softmax(s)_v - [v = label])
+
+Log-probabilities are formed as (x - m) - log_sum, never x - (m + log_sum): the logsumexp rounds to its own ulp (16x
+float32's unit roundoff for logits near 20), an error common to the whole row that the gradient does not cancel.
 """
 
 import triton
@@ -31,19 +35,22 @@ def _merge(b_m, b_d, b_z):
 
 
 @triton.jit
-def _reduce_lse(b_m, b_d):
+def _reduce_max_log_sum(b_m, b_d):
+    """Per-lane (max, sum) -> the row's max m (0 for an all -inf row) and log sum exp(x - m)."""
     m = tl.max(b_m, axis=0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     d = tl.sum(tl.where(b_m == float("-inf"), 0.0, b_d * tl.exp(b_m - m_safe)), axis=0)
-    return m_safe + tl.log(d)
+    return m_safe, tl.log(d)
 
 
 @triton.jit
 def topk_stats_kernel(
     p_s,  # [C, V] student logits (unit column stride)
     p_idx,  # [C, K] int64 top-k indices
-    p_lse_t,  # [C] float32 out: logsumexp(s / T)
-    p_lse_1,  # [C] float32 out: logsumexp(s)        (HAS_CE)
+    p_max_t,  # [C] float32 out: max(s / T)
+    p_log_sum_t,  # [C] float32 out: log sum exp(s / T - max)
+    p_max_1,  # [C] float32 out: max(s)        (HAS_CE)
+    p_log_sum_1,  # [C] float32 out: log sum exp(s - max)        (HAS_CE)
     p_log_tail,  # [C] float32 out: log sum_{v not in top k} softmax(s / T)_v
     stride_s,
     stride_idx,
@@ -74,22 +81,27 @@ def topk_stats_kernel(
         b_mt, b_dt = _merge(b_mt, b_dt, tl.where(b_in, float("-inf"), b_z))
         if HAS_CE:
             b_m1, b_d1 = _merge(b_m1, b_d1, b_s)
-    lse_t = _reduce_lse(b_m, b_d)
-    tl.store(p_lse_t + i_row, lse_t)
-    tl.store(p_log_tail + i_row, _reduce_lse(b_mt, b_dt) - lse_t)
+    m_t, log_sum_t = _reduce_max_log_sum(b_m, b_d)
+    m_tail, log_sum_tail = _reduce_max_log_sum(b_mt, b_dt)
+    tl.store(p_max_t + i_row, m_t)
+    tl.store(p_log_sum_t + i_row, log_sum_t)
+    tl.store(p_log_tail + i_row, (m_tail - m_t) + (log_sum_tail - log_sum_t))  # both maxima exact: no ulp of an lse
     if HAS_CE:
-        tl.store(p_lse_1 + i_row, _reduce_lse(b_m1, b_d1))
+        m_1, log_sum_1 = _reduce_max_log_sum(b_m1, b_d1)
+        tl.store(p_max_1 + i_row, m_1)
+        tl.store(p_log_sum_1 + i_row, log_sum_1)
 
 
 @triton.jit
 def topk_grad_kernel(
     p_s,  # [C, V] student logits
     p_idx,  # [C, K] int64
-    p_g,  # [C, K] float32 scaled d D / d log p_s(idx_j)
-    p_big_g,  # [C] float32 scaled sum of all bucket gradients
-    p_a,  # [C] float32 scaled tail coefficient g_tail / p_tail
-    p_lse_t,  # [C]
-    p_lse_1,  # [C]
+    p_k_coef,  # [C, K] float32 scaled d D / d z at the top-k tokens
+    p_tail_coef,  # [C] float32 scaled d D / d z_v / p_v for every other token
+    p_max_t,  # [C] topk_stats_kernel's outputs
+    p_log_sum_t,  # [C]
+    p_max_1,  # [C] (HAS_CE)
+    p_log_sum_1,  # [C] (HAS_CE)
     p_label,  # [C] int64 (HAS_CE)
     p_out,  # [C, V] float32 out
     stride_s,
@@ -109,13 +121,16 @@ def topk_grad_kernel(
     o_k = tl.arange(0, BLOCK_K)
     m_k = o_k < K
     b_idx = tl.load(p_idx + i_row * stride_idx + o_k, mask=m_k, other=-1)  # [BLOCK_K]
-    b_g = tl.load(p_g + i_row * stride_g + o_k, mask=m_k, other=0.0)  # [BLOCK_K]
-    big_g = tl.load(p_big_g + i_row)
-    a = tl.load(p_a + i_row)
-    lse_t = tl.load(p_lse_t + i_row)
-    lse_1 = tl.load(p_lse_1 + i_row)
+    b_g = tl.load(p_k_coef + i_row * stride_g + o_k, mask=m_k, other=0.0)  # [BLOCK_K]
+    tail_coef = tl.load(p_tail_coef + i_row)
+    m_t = tl.load(p_max_t + i_row)
+    log_sum_t = tl.load(p_log_sum_t + i_row)
+    m_1 = 0.0
+    log_sum_1 = 0.0
     label = -1
     if HAS_CE:
+        m_1 = tl.load(p_max_1 + i_row)
+        log_sum_1 = tl.load(p_log_sum_1 + i_row)
         label = tl.load(p_label + i_row)
     for v0 in range(0, V, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
@@ -123,11 +138,11 @@ def topk_grad_kernel(
         b_s = tl.load(p_s + i_row * stride_s + o_v, mask=m_v, other=0.0).to(tl.float32)  # [BLOCK_V]
         b_grad = tl.zeros([BLOCK_V], tl.float32)
         if HAS_SOFT:
-            b_p = tl.exp(b_s * inv_t - lse_t)
+            b_p = tl.exp((b_s * inv_t - m_t) - log_sum_t)
             b_match = o_v[:, None] == b_idx[None, :]  # [BLOCK_V, BLOCK_K]
             b_in = tl.max(b_match.to(tl.int32), axis=1) > 0
             b_gsel = tl.sum(tl.where(b_match, b_g[None, :], 0.0), axis=1)
-            b_grad += b_p * (tl.where(b_in, 0.0, a) - big_g) + b_gsel
+            b_grad += tl.where(b_in, b_gsel, b_p * tail_coef)
         if HAS_CE:
-            b_grad += hard_scale * (tl.exp(b_s - lse_1) - (o_v == label).to(tl.float32))
+            b_grad += hard_scale * (tl.exp((b_s - m_1) - log_sum_1) - (o_v == label).to(tl.float32))
         tl.store(p_out + i_row * stride_out + o_v, b_grad, mask=m_v)

@@ -338,7 +338,8 @@ def test_empty_batch():
         ("three_dims", "student must be 2-D"),
         ("last_dim_strided", "student must have a contiguous last dimension"),
         ("teacher_last_dim_strided", "teacher must have a contiguous last dimension"),
-        ("shape_mismatch", "student has shape .* but teacher has shape"),
+        ("rows_mismatch", "student has 4 rows but teacher has 5; expected the same number of rows"),
+        ("v_common_too_wide", r"v_common=11 is out of range; expected -1 \(min of the widths\) or a width in \[1, min"),
         ("dtype_mismatch", "student has dtype Float but teacher has dtype Double"),
         ("labels_length", "labels has 3 elements; expected 4"),
         ("labels_float", "labels has dtype Float"),
@@ -360,8 +361,8 @@ def test_bad_input_names_the_argument(case, match):
         s = torch.randn(4, 20)[:, ::2]
     elif case == "teacher_last_dim_strided":
         t = torch.randn(4, 20)[:, ::2]
-    elif case == "shape_mismatch":
-        t = torch.randn(4, 11)
+    elif case == "rows_mismatch":
+        t = torch.randn(5, 10)
     elif case == "dtype_mismatch":
         t = t.double()
     elif case == "labels_length":
@@ -376,8 +377,11 @@ def test_bad_input_names_the_argument(case, match):
         temp = 0.0
     elif case == "beta_1.5":
         beta = 1.5
+    v_common = 11 if case == "v_common_too_wide" else -1
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.fastdistill.distill_loss_rows(s, t, labels, scale, div, beta, temp, IGNORE, 1.0, True)
+        torch.ops.fastdistill.distill_loss_rows(
+            s, t, labels, scale, div, beta, temp, IGNORE, 1.0, True, 0.0, 1.0, v_common
+        )
 
 
 def test_kl_div_bad_input_names_the_argument():
@@ -398,6 +402,11 @@ def test_opcheck_row_ops():
     )
     torch.library.opcheck(
         torch.ops.fastdistill.distill_loss_rows.default, (s, t, None, scale, 0, 0.0, 1.0, IGNORE, 1.0, False)
+    )
+    # a narrower teacher with the fused CE: the common width (v_common) of the row contract
+    torch.library.opcheck(
+        torch.ops.fastdistill.distill_loss_rows.default,
+        (s, t[:, :60], labels, scale, 0, 0.0, 1.0, IGNORE, 1.0, True, 0.5, 1.0, 60),
     )
     target = torch.randn(5, 67).softmax(-1)
     torch.library.opcheck(torch.ops.fastdistill.kl_div_rows.default, (s.log_softmax(-1), target, scale, False, True))

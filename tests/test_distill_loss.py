@@ -138,6 +138,114 @@ def test_ragged_and_large_vocab(backend, shape, divergence, seed):
     _check(s, t, labels, backend, divergence=divergence, beta=0.3)
 
 
+# ------------------------------------------------------------------------------------- common vocabulary width
+def _rows_reference(s, t, labels, Vc, div, T, ce_scale, soft_scale, grad_scale, loss_scale):
+    """The row contract with autograd in the inputs' dtype: the divergence over [:Vc], CE over the student's full row,
+    ignored rows 0. Returns (loss_rows, grad, ce_rows)."""
+    s = s.detach().clone().requires_grad_(True)
+    valid = labels != -100
+    rows = R.divergence_rows(s[:, :Vc], t[:, :Vc], div, 0.3, T) * loss_scale
+    rows = torch.where(valid, rows, torch.zeros_like(rows))
+    ce = F.cross_entropy(s, torch.where(valid, labels, 0), reduction="none") * valid
+    (grad_scale * (soft_scale * rows.sum() + ce_scale * ce.sum())).backward()
+    return rows.detach(), s.grad, ce.detach()
+
+
+# a teacher narrower than the student (Vt < Vs, padding): every backend's row kernel takes both widths and the common
+# width Vc; the divergence spans [:Vc], CE the full row (labels landing in [Vc, Vs) included), one pass. make
+# test-stress repeats it on every backend (the Triton interpreter's 2-pass and 3-pass paths: forward KL and JSD).
+COMMON_WIDTH_CASES = [
+    pytest.param(
+        b, d, ce, id=f"{d}-{'ce' if ce else 'soft'}-{b}", marks=_stress_if(b != "triton" or d in ("forward_kl", "jsd"))
+    )
+    for d in R.DIVERGENCES
+    for ce in (0.0, 0.7)
+    for b in BACKENDS
+    if b != "cuda"
+]
+
+
+@pytest.mark.parametrize("backend, divergence, ce_scale", COMMON_WIDTH_CASES)
+def test_row_kernel_common_width(backend, divergence, ce_scale, seed):
+    # several Triton tiles in both parts of the row, a ragged tail; enough rows that torch's error (the yardstick) is
+    # not one lucky draw (at 9 rows the ratio of two equally accurate gradients reached 2.2 in 1 seed of 30)
+    N, Vs, Vt = 48, 1031, 1000
+    T = 1.0 if ce_scale else 1.7  # T = 1 with CE: the student statistics cannot be shared with CE over [:Vc]
+    g = generator(seed)
+    s = (torch.randn(N, Vs, generator=g, dtype=torch.float64) * 3).float().to(DEVICE)
+    t = (torch.randn(N, Vt + 5, generator=g, dtype=torch.float64) * 3).float().to(DEVICE)[:, :Vt]  # row stride > Vt
+    labels = torch.randint(0, Vs, (N,), generator=g).to(DEVICE)
+    labels[0], labels[1], labels[2] = -100, Vs - 1, Vt + 7  # an ignored row; labels in the student-only columns
+    Vc = Vt - 3  # any common width up to min(Vs, Vt): the teacher's columns past it are not read
+    grad_scale, soft_scale, loss_scale = 0.37, 0.8, T * T
+    did = op.DIVERGENCE_ID[divergence]
+    args = (s, t, labels, torch.full((1,), grad_scale, device=DEVICE), did, 0.3, T, -100, loss_scale, True, backend)
+    rows, grad, ce = op.distill_loss_rows(*args, ce_scale=ce_scale, soft_scale=soft_scale, v_common=Vc)
+    ref = _rows_reference(
+        s.double(), t.double(), labels, Vc, divergence, T, ce_scale, soft_scale, grad_scale, loss_scale
+    )
+    eager = _rows_reference(s, t, labels, Vc, divergence, T, ce_scale, soft_scale, grad_scale, loss_scale)
+    where = f"{backend} {divergence} ce_scale={ce_scale}"
+    assert_within_torch_error(rows, ref[0], eager[0], summands=Vc, what=f"loss rows {where}")
+    assert_within_torch_error(grad, ref[1], eager[1], what=f"grad {where}")
+    if ce_scale:
+        assert_within_torch_error(ce, ref[2], eager[2], summands=Vs, what=f"ce rows {where}")
+    else:
+        assert ce.numel() == 0
+        assert torch.equal(grad[:, Vc:], torch.zeros_like(grad[:, Vc:])), f"{where}: columns past Vc get gradient 0"
+    assert torch.equal(grad[0], torch.zeros_like(grad[0])), f"{where}: an ignored row gets gradient 0"
+    # the same with the teacher's columns past Vc poisoned: never read
+    t_poison = t.clone()
+    t_poison[:, Vc:] = float("nan")
+    rows_p, grad_p, _ = op.distill_loss_rows(
+        s, t_poison, *args[2:], ce_scale=ce_scale, soft_scale=soft_scale, v_common=Vc
+    )
+    assert torch.equal(rows_p, rows) and torch.equal(grad_p, grad), f"{where}: read the teacher past v_common"
+
+
+PADDING_CASES = [
+    pytest.param(b, d, r, id=f"{d}-{r}-{b}", marks=_stress_if(r == "batchmean" and (b != "triton" or d == "jsd")))
+    for d in R.DIVERGENCES
+    for r in R.REDUCTIONS
+    for b in BACKENDS
+    if b != "cuda" and (r == "batchmean" or d in ("forward_kl", "tvd"))
+]
+
+
+@pytest.mark.parametrize("backend, divergence, reduction", PADDING_CASES)
+def test_padding_mismatch_matches_reference(backend, divergence, reduction, seed):
+    """distill_loss with Vt < Vs (and once Vt > Vs): the row kernel's common width, no sliced copies; the student's
+    extra entries get gradient 0."""
+    s, _, labels = _inputs((3, 16, 211), seed)
+    t = _inputs((3, 16, 200), seed + 1)[1]
+    kw = dict(divergence=divergence, reduction=reduction, temperature=1.5, beta=0.3)
+    go = torch.full((3, 16), 0.6, device=DEVICE) if reduction == "none" else None
+    ref = _reference(s[..., :200], t, labels, **kw)
+    eager = _torch(s[..., :200], t, labels, go, **kw)
+    loss, grad = _ours(s, t, labels, backend, go, **kw)
+    if go is not None:
+        ref = (ref[0], ref[1] * 0.6)
+    assert_within_torch_error(loss, ref[0], eager[0], summands=200 if loss.dim() else 48 * 200, what=f"loss {kw}")
+    assert_within_torch_error(grad[..., :200], ref[1], eager[1], what=f"grad {kw}")
+    assert torch.equal(grad[..., 200:], torch.zeros_like(grad[..., 200:]))
+    if divergence == "jsd" and reduction == "batchmean":  # a wider teacher: its extra columns are not read
+        t_wide = torch.cat([t, torch.full_like(t[..., :11], float("nan"))], dim=-1)
+        loss_w, grad_w = _ours(s[..., :200], t_wide, labels, backend, **kw)
+        assert_within_torch_error(loss_w, ref[0], eager[0], summands=48 * 200, what="loss, Vt > Vs")
+        assert_within_torch_error(grad_w, ref[1], eager[1], what="grad, Vt > Vs")
+
+
+def test_row_kernel_common_width_checked(seed):
+    s, t, labels = _inputs((4, 30), seed)
+    for backend in BACKENDS:
+        if backend == "cuda":
+            continue
+        with pytest.raises((ValueError, RuntimeError), match=r"v_common=31 is out of range.*min\(Vs=30, Vt=29\)"):
+            op.distill_loss_rows(s, t[:, :29], None, torch.ones(1), 0, 0.0, 1.0, -100, 1.0, True, backend, v_common=31)
+        with pytest.raises((ValueError, RuntimeError), match=r"4 rows but teacher has 3|same N"):
+            op.distill_loss_rows(s, t[:3], None, torch.ones(1), 0, 0.0, 1.0, -100, 1.0, True, backend)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_labels_none_and_flat_labels(backend, seed):
     s, t, labels = _inputs((4, 5, 97), seed)

@@ -105,11 +105,10 @@ def distill_loss(
     temperature = check_temperature(temperature)
     if student_logits.shape[-1] == 0:
         raise ValueError("student_logits has an empty vocabulary dimension (V = 0); expected V >= 1")
-    v_common = check_vocab(student_logits.shape[-1], teacher_logits.shape[-1])
+    # a padding mismatch is accepted: the row kernels take both widths and run the divergence over the common prefix
+    # (no sliced copies); the student's extra entries get gradient 0
+    check_vocab(student_logits.shape[-1], teacher_logits.shape[-1])
     labels = check_labels("labels", labels, student_logits.shape[:-1], student_logits.device)
-    if v_common != student_logits.shape[-1] or v_common != teacher_logits.shape[-1]:
-        # padding mismatch: both softmaxes over the common prefix; the student's extra entries get gradient 0
-        student_logits, teacher_logits = student_logits[..., :v_common], teacher_logits[..., :v_common]
     div_id = _op.DIVERGENCE_ID[divergence]
     resolved = _op.resolve_backend(student_logits.device, backend)
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad

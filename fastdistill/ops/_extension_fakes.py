@@ -25,6 +25,7 @@ def _distill_loss_rows_fake(
     need_grad,
     ce_scale=0.0,
     soft_scale=1.0,
+    v_common=-1,
 ):
     rows = student.new_empty((student.shape[0],), dtype=torch.float32)
     grad = student.new_empty(student.shape) if need_grad else student.new_empty((0,))

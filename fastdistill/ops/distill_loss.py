@@ -1,13 +1,17 @@
 """The logit-distillation loss op: one row kernel contract, three backends, one torch.library custom op.
 
 Row kernel contract (shared by the Triton launcher, the C++ op ``fastdistill::distill_loss_rows`` and the torch
-fallback), for ``student`` and ``teacher`` of shape [N, V] (last dim contiguous, any row stride, same dtype), with both
-terms explicit:
+fallback), for ``student`` [N, Vs] and ``teacher`` [N, Vt] (last dim contiguous, any row stride, same dtype) and a
+common vocabulary width ``v_common`` = Vc <= min(Vs, Vt) (-1: min(Vs, Vt)), with both terms explicit:
 
-    loss_rows[i] = loss_scale * D(softmax(teacher[i] / T), softmax(student[i] / T))         float32 [N]
-    ce_rows[i]   = lse(student[i]) - student[i, labels[i]]             (when ce_scale != 0)  float32 [N]
+    loss_rows[i] = loss_scale * D(softmax(teacher[i, :Vc] / T), softmax(student[i, :Vc] / T))    float32 [N]
+    ce_rows[i]   = lse(student[i, :]) - student[i, labels[i]]               (when ce_scale != 0)  float32 [N]
     grad[i, :]   = grad_scale * (soft_scale * d loss_rows[i] / d student[i, :]
-                                 + ce_scale * (softmax(student[i]) - onehot(labels[i])))   student dtype [N, V]
+                                 + ce_scale * (softmax(student[i, :]) - onehot(labels[i])))  student dtype [N, Vs]
+
+so a teacher narrower than the student (padding: Vt < Vs) needs no slicing and no second pass: the divergence spans
+the common prefix, the cross-entropy the student's whole row (a label in [Vc, Vs) is fine), and the student's columns
+[Vc, Vs) get the cross-entropy's gradient alone (0 without it). A wider teacher's columns past Vc are never read.
 
 ``divergence`` is an id of ``fastdistill.divergences`` (its beta = 0 / 1 conventions applied by every backend); rows
 whose label equals ``ignore_index`` get loss 0, ce 0 and gradient 0; ``grad_scale`` is a float32 tensor of one element
@@ -48,13 +52,38 @@ def _rows_torch(*args):
     return distill_loss_rows_torch(*args)
 
 
-def check_scales(labels: torch.Tensor | None, soft_scale: float, ce_scale: float) -> None:
-    """The row contract's scalar checks on the term scales (shared by the Triton launcher and the torch fallback)."""
+def check_rows(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    soft_scale: float,
+    ce_scale: float,
+    v_common: int,
+) -> int:
+    """The row contract's checks (shared by the Triton launcher and the torch fallback; the C++ op makes the same
+    ones); returns the common width Vc."""
+    if student.dim() != 2 or teacher.dim() != 2 or student.shape[0] != teacher.shape[0]:
+        raise ValueError(
+            f"student and teacher must be [N, Vs] and [N, Vt] with the same N, got {tuple(student.shape)} and "
+            f"{tuple(teacher.shape)}"
+        )
+    if labels is not None and labels.shape != (student.shape[0],):
+        raise ValueError(f"labels has shape {tuple(labels.shape)}; expected ({student.shape[0]},)")
     for name, value in (("soft_scale", soft_scale), ("ce_scale", ce_scale)):
         if not math.isfinite(value):
             raise ValueError(f"{name}={value} is not finite; expected a finite value")
     if ce_scale != 0 and labels is None:
         raise ValueError(f"ce_scale={ce_scale} needs labels (the cross-entropy targets), got labels=None")
+    v_student, v_teacher = student.shape[1], teacher.shape[1]
+    widest = min(v_student, v_teacher)
+    if v_common == -1:
+        return widest
+    if not min(1, v_student) <= v_common <= widest:
+        raise ValueError(
+            f"v_common={v_common} is out of range; expected -1 (min of the widths) or a width in [1, min(Vs="
+            f"{v_student}, Vt={v_teacher})]"
+        )
+    return v_common
 
 
 def distill_loss_rows(
@@ -71,6 +100,7 @@ def distill_loss_rows(
     backend: str,
     ce_scale: float = 0.0,
     soft_scale: float = 1.0,
+    v_common: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the row kernel on an already-resolved ``backend`` (see the module docstring for the contract).
 
@@ -90,6 +120,7 @@ def distill_loss_rows(
         need_grad,
         float(ce_scale),
         float(soft_scale),
+        int(v_common),
     )
     if backend == "triton":
         from fastdistill.ops.distill_loss_triton import distill_loss_rows_triton
@@ -122,7 +153,9 @@ def distill_loss_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused forward: returns (loss, grad of loss w.r.t. student) with the reduction already applied to the grad.
 
-    loss: [] for sum / batchmean, [N] for none; grad: [N, V] in the student dtype (d loss / d student for sum and
+    ``student`` [..., Vs] and ``teacher`` [..., Vt] may differ in width (padding, already validated by the functional
+    layer): the divergence then spans the common prefix [:min(Vs, Vt)] and the student's extra columns get gradient 0.
+    loss: [] for sum / batchmean, [N] for none; grad: [N, Vs] in the student dtype (d loss / d student for sum and
     batchmean, d loss_rows[i] / d student[i] per row for none), or an empty tensor when ``need_grad`` is False.
     """
     s, t = _as_rows(student), _as_rows(teacher)
@@ -137,8 +170,20 @@ def distill_loss_op(
         grad_scale = torch.ones((), dtype=torch.float32, device=s.device)
     grad_scale = grad_scale.reshape(1)
     loss_scale = temperature * temperature if scale_by_t2 else 1.0
+    v_common = min(s.shape[1], t.shape[1])
     rows, grad, _ = distill_loss_rows(
-        s, t, lab, grad_scale, divergence, beta, temperature, ignore_index, loss_scale, need_grad, backend
+        s,
+        t,
+        lab,
+        grad_scale,
+        divergence,
+        beta,
+        temperature,
+        ignore_index,
+        loss_scale,
+        need_grad,
+        backend,
+        v_common=v_common,
     )
     if reduction == REDUCTION_ID["none"]:
         loss = rows

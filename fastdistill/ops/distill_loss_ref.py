@@ -5,6 +5,10 @@ optional cross-entropy term, and the gradient w.r.t. the student logits computed
 
     grad[i] = grad_scale * (soft_scale * loss_scale / T * dD/dz_i + ce_scale * (softmax(student[i]) - onehot(label_i)))
 
+With a common width ``v_common`` = Vc < Vs (a teacher narrower than the student) the divergence's softmaxes span the
+columns ``[:Vc]`` of both rows, the cross-entropy the student's whole row, and the columns ``[Vc:]`` get the
+cross-entropy's gradient alone (0 without it), in the same block loop.
+
 It must cost a user without a compiler nothing against the plain eager formula (``F.kl_div(F.log_softmax(s),
 F.log_softmax(t), log_target=True)`` with autograd), so it works on blocks of rows: every float32 temporary is
 [rows_per_block, V], written in place where possible, and the only [N, V] tensor is the gradient itself (eager keeps
@@ -92,11 +96,12 @@ def distill_loss_rows_torch(
     need_grad: bool,
     ce_scale: float = 0.0,
     soft_scale: float = 1.0,
+    v_common: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The row contract in torch (``divergence`` already canonical), block by block; returns (rows, grad, ce_rows)."""
-    from fastdistill.ops.distill_loss import check_scales
+    from fastdistill.ops.distill_loss import check_rows
 
-    check_scales(labels, soft_scale, ce_scale)
+    Vc = check_rows(student, teacher, labels, soft_scale, ce_scale, v_common)
     N, V = student.shape
     device = student.device
     rows = torch.zeros(N, dtype=torch.float32, device=device)
@@ -108,7 +113,8 @@ def distill_loss_rows_torch(
     block = max(1, _BLOCK_ELEMENTS // max(V, 1))
     for r0 in range(0, N, block):
         r1 = min(r0 + block, N)
-        s32, t32 = student[r0:r1].float(), teacher[r0:r1].float()  # views when already float32 (never written)
+        s_full = student[r0:r1].float()  # views when already float32 (never written)
+        s32, t32 = s_full[:, :Vc], teacher[r0:r1, :Vc].float()
         if divergence == DIVERGENCE_ID["forward_kl"]:
             rows_b, g = _forward_kl_block(s32, t32, temperature, need_grad)
         else:
@@ -123,10 +129,12 @@ def distill_loss_rows_torch(
         rows[r0:r1] = rows_b * loss_scale
         if g is not None:
             g.mul_(soft_coef)
+            if Vc < V:  # the student's columns past the common width: no divergence term
+                g = torch.cat([g, g.new_zeros(g.shape[0], V - Vc)], dim=1)
         if ce_scale != 0:
             lab = labels[r0:r1]
             target = torch.where(lab != ignore_index, lab, torch.zeros_like(lab))[:, None].long()
-            log_p1 = torch.log_softmax(s32, dim=-1)
+            log_p1 = torch.log_softmax(s_full, dim=-1)  # the student's whole row
             ce_rows[r0:r1] = -log_p1.gather(1, target).squeeze(1)
             if g is not None:
                 p1 = log_p1.exp_()

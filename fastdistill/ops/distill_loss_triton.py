@@ -10,7 +10,7 @@ import triton
 
 from fastdistill.divergences import TWO_PASS_IDS
 from fastdistill.kernels.distill_loss import distill_loss_rows_kernel
-from fastdistill.ops.distill_loss import check_scales
+from fastdistill.ops.distill_loss import check_rows
 
 # In the interpreter every tile op is a numpy call: small tiles keep multi-tile code paths exercised on CPU shapes.
 _INTERPRET_MAX_BLOCK_V = 1024
@@ -32,18 +32,13 @@ def launch_config(
     return block, num_warps
 
 
-def _check(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, grad_scale: torch.Tensor):
-    if student.dim() != 2 or student.shape != teacher.shape:
-        raise ValueError(
-            f"student and teacher must be [N, V] of the same shape, got {tuple(student.shape)} and "
-            f"{tuple(teacher.shape)}"
-        )
+def _check(student: torch.Tensor, teacher: torch.Tensor, grad_scale: torch.Tensor):
     if student.stride(-1) != 1 or teacher.stride(-1) != 1:
         raise ValueError(
             f"student and teacher need a unit last-dim stride, got {student.stride()} and {teacher.stride()}"
         )
-    if labels is not None and labels.shape != (student.shape[0],):
-        raise ValueError(f"labels has shape {tuple(labels.shape)}; expected ({student.shape[0]},)")
+    if student.dtype != teacher.dtype:
+        raise ValueError(f"student has dtype {student.dtype} but teacher has {teacher.dtype}; expected the same dtype")
     if grad_scale.numel() != 1 or grad_scale.dtype != torch.float32:
         raise ValueError(
             f"grad_scale must be a float32 tensor of one element, got {grad_scale.dtype} of shape "
@@ -64,6 +59,7 @@ def distill_loss_rows_triton(
     need_grad: bool,
     ce_scale: float = 0.0,
     soft_scale: float = 1.0,
+    v_common: int = -1,
     *,
     block_v: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,7 +69,7 @@ def distill_loss_rows_triton(
     ``divergence`` is a canonical id (JSD only for 0 < beta < 1); see the row contract for the maths.
 
     Args:
-        student, teacher: logits [N, V], last dim contiguous, any row stride, same dtype.
+        student, teacher: logits [N, Vs] and [N, Vt], last dim contiguous, any row stride, same dtype.
         labels: int [N] or None; rows equal to ``ignore_index`` get loss 0 and gradient 0.
         grad_scale: float32 tensor of one element on the device, read by the kernel (no host sync).
         divergence / beta / temperature / loss_scale: see ``fastdistill.ops.distill_loss``.
@@ -81,6 +77,8 @@ def distill_loss_rows_triton(
         ce_scale: != 0 fuses the hard term: ce_rows = lse(student) - student[label] (T = 1) and
             grad_scale * ce_scale * (softmax(student) - onehot(label)) added to the gradient; needs ``labels``.
         soft_scale: weight of the divergence's gradient (grad_scale * soft_scale * d loss_rows / d student).
+        v_common: the common width Vc (-1: min(Vs, Vt)); the divergence spans [:Vc] of both rows, the
+            cross-entropy the student's whole row, and the student's columns [Vc:] get the CE gradient alone.
         block_v: tile width override (tests use it to force several tiles per row).
 
     Example::
@@ -88,8 +86,8 @@ def distill_loss_rows_triton(
         >>> rows, grad, _ = distill_loss_rows_triton(s, t, None, torch.ones(1, device=s.device), 0, 0.5, 1.0, -100, 1.0,
         ...                                       True)
     """
-    _check(student, teacher, labels, grad_scale)
-    check_scales(labels, soft_scale, ce_scale)
+    _check(student, teacher, grad_scale)
+    Vc = check_rows(student, teacher, labels, soft_scale, ce_scale, v_common)
     N, V = student.shape
     loss_rows = torch.empty(N, dtype=torch.float32, device=student.device)
     grad = torch.empty((N, V), dtype=student.dtype, device=student.device) if need_grad else student.new_empty(0)
@@ -116,6 +114,7 @@ def distill_loss_rows_triton(
             teacher.stride(0),
             V,  # the gradient is allocated contiguous
             V,
+            Vc,
             1.0 / temperature,
             float(beta),
             log_beta,

@@ -11,11 +11,12 @@ so the op returns the loss together with the gradients of student hidden, weight
 them by grad_output. Every chunk-local temporary is O(C x V); nothing O(N x V) is allocated.
 
 Both terms of a dense teacher come from one call of the shared row kernel ``distill_loss_rows`` (Triton / C++ /
-torch), which carries them explicitly (``soft_scale``, ``ce_scale``, ``ignore_index``): the hard term (cross-entropy
-over the student's full vocabulary at temperature 1) shares the student's softmax statistics with the divergence and
-one dlogits is written for both. When the teacher's vocabulary is narrower (Vt < Vs, padding) the divergence runs over
-the common prefix ``[:Vt]`` (the extra student columns excluded from its softmaxes, never zero-padded) and CE over the
-full row; without a soft term CE is computed on the chunk logits directly. The top-k path computes the student's
+torch), which carries them explicitly (``soft_scale``, ``ce_scale``, ``ignore_index``, the common width
+``v_common``): the hard term (cross-entropy over the student's full vocabulary at temperature 1) shares the student's
+softmax statistics with the divergence where it can and one dlogits is written for both. When the vocabularies differ
+by padding the divergence runs over the common prefix ``[:min(Vs, Vt)]`` (the extra columns excluded from its
+softmaxes, never zero-padded) and CE over the student's full row, in the same kernel pass; without a soft term CE is
+computed on the chunk logits directly. The top-k path computes the student's
 logsumexp at T and at 1 in one pass (``_topk_chunk_torch`` / the Triton kernels in
 ``fastdistill.kernels.topk_distill``) and shares it between the CE and the sparse divergence.
 
@@ -89,25 +90,35 @@ def resolve_backend(device: torch.device, sparse: bool, backend: str | None = No
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _ce_rows_and_grad(s32: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, scale: float):
-    """CE rows and ``scale * (softmax(s) - onehot(labels))`` from the chunk's logits and their logsumexp."""
-    ce = lse - s32.gather(1, labels[:, None]).squeeze(1)
-    grad = torch.exp(s32 - lse[:, None]).mul_(scale)
+def _max_and_log_sum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row max m [C, 1] and log sum exp(x - m) [C]: log softmax(x) = (x - m) - log_sum, kept apart so it never rounds
+    to the ulp of the logsumexp m + log_sum (16x float32's unit roundoff at logits near 20)."""
+    m = x.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # an all -inf row: -inf log-probs, like log_softmax
+    return m, torch.log(torch.exp(x - m).sum(-1))
+
+
+def _ce_rows_and_grad(s32: torch.Tensor, labels: torch.Tensor, scale: float):
+    """CE rows and ``scale * (softmax(s) - onehot(labels))`` from the chunk's logits."""
+    m, log_sum = _max_and_log_sum(s32)
+    ce = (m.squeeze(1) - s32.gather(1, labels[:, None]).squeeze(1)) + log_sum
+    grad = torch.exp((s32 - m) - log_sum[:, None]).mul_(scale)
     grad.scatter_add_(1, labels[:, None], torch.full_like(labels[:, None], -scale, dtype=grad.dtype))
     return ce, grad
 
 
 def teacher_topk_logprobs(values: torch.Tensor, tail: int, temperature: float, logits: bool) -> torch.Tensor:
-    """Teacher bucket log-probs [C, k + 1] (k tokens, then the tail) in fp32; ``values`` are logits (tempered here)
-    or log-probs already at temperature T."""
-    v = values.float()
+    """Teacher bucket log-probs [C, k + 1] (k tokens, then the tail) in fp32, or fp64 for fp64 ``values`` (the top-k
+    step passes them so: the bucket tail 1 - sum_j q_j cancels, by 1e-4 relative in fp32 when the top k hold 99.9% of
+    the mass); ``values`` are logits (tempered here) or log-probs already at temperature T."""
+    v = values.to(torch.promote_types(values.dtype, torch.float32))
     if tail == 0:  # renormalize over the top k
         lq = torch.log_softmax(v / temperature if logits else v, dim=-1)
         lq_tail = torch.full_like(lq[:, :1], -math.inf)
     else:  # bucket: values are log-probs at temperature T; the tail holds the rest of the mass
         lq = v
         rest = -torch.expm1(torch.logsumexp(v, dim=-1, keepdim=True))  # 1 - sum_j q_j
-        lq_tail = torch.where(rest > 0, torch.log(rest.clamp_min(1e-38)), torch.full_like(rest, -math.inf))
+        lq_tail = torch.where(rest > 0, torch.log(rest.clamp_min(1e-300)), torch.full_like(rest, -math.inf))
     return torch.cat([lq, lq_tail], dim=-1)
 
 
@@ -151,6 +162,34 @@ def bucket_divergence_and_grad(ls: torch.Tensor, lq: torch.Tensor, divergence: i
     return rows, g
 
 
+def bucket_terms(
+    ls: torch.Tensor, values: torch.Tensor, tail: int, temperature: float, logits: bool, divergence: int, beta: float
+):
+    """The [C, k + 1] bucket step shared by the torch and Triton top-k chunks, from the student's bucket log-probs
+    ``ls`` (k tokens, then the tail) and the teacher's ``values``.
+
+    Returns (rows [C], tail_coef [C], k_coef [C, k]), float32, with the chunk's dlogits (before the soft scale)
+
+        d rows / d z_v = p_v * tail_coef       (v outside the top k)      = p_v (a - G),  a = g_tail / p_tail
+        d rows / d z_j = k_coef[j]             (v = idx_j)                 = g_j - G p_j,  G = sum_i g_i
+
+    for z = logits / T. These coefficients cancel: G is near a (e.g. TVD with most mass on one side: a - G is the
+    small mass on the other), so an error of one float32 rounding in G or in sum_i p_i = 1 is a large relative error
+    of the gradient (measured: 2-15x plain torch's error on the dlogits). This step is O(k) per row, so it runs in
+    float64 and renormalises both bucket distributions there first (sum_i p_i = 1 exactly, as torch's log_softmax
+    backward would make it); the O(V) passes stay float32.
+    """
+    ls64 = torch.log_softmax(ls.double(), dim=-1)
+    lq64 = teacher_topk_logprobs(values.double(), tail, temperature, logits)
+    rows, g = bucket_divergence_and_grad(ls64, lq64, divergence, beta)
+    p = ls64.exp()
+    G = g.sum(-1)
+    a = torch.where(g[:, -1] != 0, g[:, -1] / p[:, -1].clamp_min(1e-300), torch.zeros_like(G))
+    tail_coef = a - G
+    k_coef = g[:, :-1] - G[:, None] * p[:, :-1]
+    return rows.float(), tail_coef.float(), k_coef.float()
+
+
 def _topk_chunk_torch(
     s32,
     values,
@@ -169,39 +208,46 @@ def _topk_chunk_torch(
 ):
     """Top-k chunk in torch. The student's softmax at T is computed once and turned into dlogits in place; at T = 1
     the cross-entropy term shares it (its logsumexp and its probabilities), so the chunk sees ~3 passes over [C, Vs].
+
+    Precision: every student log-prob is (z - max) - log(sum), never z - logsumexp (which rounds to the ulp of the
+    logsumexp: 16x float32's unit roundoff at logits near 20, an error common to all buckets that the closed-form
+    gradient's p (a - G) no longer cancels), and the bucket normaliser is the sum of its parts (tail + top k), so the
+    k + 1 bucket probabilities sum to 1 up to one rounding.
     """
     s32 = s32.float()
     T = temperature
     if not need_soft:
         if not need_hard:
             return None, None, None
-        lse1 = torch.logsumexp(s32, dim=-1)
-        ce_rows, dlogits = _ce_rows_and_grad(s32, lse1, labels, hard_scale)
+        ce_rows, dlogits = _ce_rows_and_grad(s32, labels, hard_scale)
         return ce_rows, None, dlogits
     zT = s32 / T if T != 1.0 else s32
-    lseT = torch.logsumexp(zT, dim=-1)
-    p = torch.exp(zT - lseT[:, None])  # [C, Vs] softmax at T; becomes dlogits in place
+    m = zT.amax(dim=-1, keepdim=True)  # [C, 1]
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # an all -inf row: NaN-free here, like log_softmax
+    p = torch.exp(zT - m)  # [C, Vs] exp(z - max); the softmax at T after the scaling below; then dlogits in place
     del zT
-    shared = T == 1.0
-    lse1 = lseT if shared else (torch.logsumexp(s32, dim=-1) if need_hard else None)
-    ce_rows = lse1 - s32.gather(1, labels[:, None]).squeeze(1) if need_hard else None
-
-    p_k = p.gather(1, indices)  # [C, k]
-    ls_k = s32.gather(1, indices) / T - lseT[:, None]
+    e_k = p.gather(1, indices)  # [C, k]
     p.scatter_(1, indices, 0.0)  # exact tail mass: a sum over the other tokens, not 1 - sum(p_k)
-    tail_mass = p.sum(-1)
-    p.scatter_(1, indices, p_k)
-    ls_tail = torch.where(tail_mass > 0, tail_mass.clamp_min(1e-38).log(), torch.full_like(tail_mass, -math.inf))
+    e_tail = p.sum(-1)
+    p.scatter_(1, indices, e_k)
+    log_sum = torch.log(e_tail + e_k.sum(-1))  # [C] the normaliser as the sum of the buckets
+    inv_sum = torch.exp(-log_sum)
+    p.mul_(inv_sum[:, None])
+    p_k = e_k.mul_(inv_sum[:, None])
+    ls_k = (s32.gather(1, indices) / T - m) - log_sum[:, None]
+    ls_tail = torch.where(e_tail > 0, torch.log(e_tail.clamp_min(1e-38)) - log_sum, torch.full_like(e_tail, -math.inf))
     ls = torch.cat([ls_k, ls_tail[:, None]], dim=-1)
-    lq = teacher_topk_logprobs(values, tail, T, topk_logits)
-    rows, g = bucket_divergence_and_grad(ls, lq, divergence, beta)
+    shared = T == 1.0
+    ce_rows = None
+    if need_hard:  # lse(s) - s[label] = (max - s[label]) + log(sum), at T = 1 the softmax's own
+        m1, log_sum1 = (m, log_sum) if shared else _max_and_log_sum(s32)
+        ce_rows = (m1.squeeze(1) - s32.gather(1, labels[:, None]).squeeze(1)) + log_sum1
+    rows, tail_coef, k_coef = bucket_terms(ls, values, tail, T, topk_logits, divergence, beta)
     soft_rows = rows * loss_scale
     coef = soft_scale * loss_scale / T
-    G = g.sum(-1)
-    a = torch.where(g[:, -1] != 0, g[:, -1] / tail_mass.clamp_min(1e-38), torch.zeros_like(G))
-    # d/ds_v = coef (p_v (a [v not in top k] - G) + g_j [v = idx_j]) (+ hard_scale (p_v - [v = label]) at T = 1)
-    row_coef = coef * (a - G)
-    k_val = coef * (g[:, :-1] - G[:, None] * p_k)
+    # d/ds_v = coef (p_v tail_coef [v not in top k] + k_coef_j [v = idx_j]) (+ hard_scale (p_v - [v = label]) at T = 1)
+    row_coef = coef * tail_coef
+    k_val = coef * k_coef
     if need_hard and shared:
         row_coef = row_coef + hard_scale
         k_val = k_val + hard_scale * p_k
@@ -209,7 +255,7 @@ def _topk_chunk_torch(
     dlogits.scatter_(1, indices, k_val)
     if need_hard:
         if not shared:
-            dlogits.add_(torch.exp(s32 - lse1[:, None]).mul_(hard_scale))
+            dlogits.add_(torch.exp((s32 - m1) - log_sum1[:, None]).mul_(hard_scale))
         dlogits.scatter_add_(1, labels[:, None], torch.full_like(labels[:, None], -hard_scale, dtype=dlogits.dtype))
     return ce_rows, soft_rows, dlogits
 
@@ -235,28 +281,23 @@ def _topk_chunk_triton(
     from fastdistill.ops.fused_linear_distill_triton import topk_grad, topk_stats
 
     T = temperature
-    lseT, lse1, log_tail = topk_stats(s, indices, T, need_hard)
+    max_t, log_sum_t, max_1, log_sum_1, log_tail = topk_stats(s, indices, T, need_hard)
     C, k = indices.shape
-    zero = torch.zeros(C, device=s.device, dtype=torch.float32)
     soft_rows = ce_rows = None
     if need_soft:
-        ls_k = s.gather(1, indices).float() / T - lseT[:, None]
+        ls_k = (s.gather(1, indices).float() / T - max_t[:, None]) - log_sum_t[:, None]
         ls = torch.cat([ls_k, log_tail[:, None]], dim=-1)
-        lq = teacher_topk_logprobs(values, tail, T, topk_logits)
-        rows, g = bucket_divergence_and_grad(ls, lq, divergence, beta)
+        rows, tail_coef, k_coef = bucket_terms(ls, values, tail, T, topk_logits, divergence, beta)
         soft_rows = rows * loss_scale
         coef = soft_scale * loss_scale / T
-        tail_mass = log_tail.exp()
-        G = g.sum(-1) * coef
-        a = torch.where(g[:, -1] != 0, g[:, -1] / tail_mass.clamp_min(1e-38), zero) * coef
-        g_k = (g[:, :-1] * coef).contiguous()
+        tail_coef, k_coef = tail_coef * coef, k_coef * coef
     else:
-        G, a, g_k = zero, zero, torch.zeros(C, k, device=s.device, dtype=torch.float32)
+        tail_coef = torch.zeros(C, device=s.device, dtype=torch.float32)
+        k_coef = torch.zeros(C, k, device=s.device, dtype=torch.float32)
     if need_hard:
-        ce_rows = lse1 - s.gather(1, labels[:, None]).squeeze(1).float()
-    dlogits = topk_grad(
-        s, indices, g_k, G, a, lseT, lse1 if need_hard else zero, labels, T, hard_scale, need_soft, need_hard
-    )
+        ce_rows = (max_1 - s.gather(1, labels[:, None]).squeeze(1).float()) + log_sum_1
+    stats = (max_t, log_sum_t, max_1, log_sum_1)
+    dlogits = topk_grad(s, indices, k_coef, tail_coef, stats, labels, T, hard_scale, need_soft, need_hard)
     return ce_rows, soft_rows, dlogits
 
 
@@ -276,37 +317,18 @@ def _dense_chunk(
     need_grad,
     backend,
 ):
-    """Dense teacher chunk: both terms from one row-kernel call (explicit soft and CE scales) when the kernel sees the
-    student's full row; a teacher narrower than the student (Vt < Vs) runs the divergence on the common prefix and CE
-    on the full row; no teacher (hard term only) is CE on the chunk logits."""
+    """Dense teacher chunk: both terms from one row-kernel call (explicit soft and CE scales, and the common width
+    min(Vs, Vt): a teacher narrower than the student needs no slicing and no second pass); no teacher (hard term only)
+    is CE on the chunk logits."""
     if not need_soft:
         if not need_hard:
             return None, None, None
-        s32 = s.float()
-        ce_rows, dlogits = _ce_rows_and_grad(s32, torch.logsumexp(s32, dim=-1), labels, hard_scale)
+        ce_rows, dlogits = _ce_rows_and_grad(s.float(), labels, hard_scale)
         return ce_rows, None, dlogits if need_grad else None
-    Vc = min(s.shape[1], t.shape[1])
     one = torch.ones(1, dtype=torch.float32, device=s.device)
-    if Vc == s.shape[1]:
-        soft_rows, dlogits, ce_rows = _dl.distill_loss_rows(
-            s,
-            t[:, :Vc],
-            labels,
-            one,
-            divergence,
-            beta,
-            temperature,
-            ignore_index,
-            loss_scale,
-            need_grad,
-            backend,
-            soft_scale=soft_scale,
-            ce_scale=hard_scale if need_hard else 0.0,
-        )
-        return (ce_rows if need_hard else None), soft_rows, (dlogits if need_grad else None)
-    soft_rows, g_soft, _ = _dl.distill_loss_rows(
-        s[:, :Vc],
-        t[:, :Vc],
+    soft_rows, dlogits, ce_rows = _dl.distill_loss_rows(
+        s,
+        t,
         labels,
         one,
         divergence,
@@ -317,16 +339,10 @@ def _dense_chunk(
         need_grad,
         backend,
         soft_scale=soft_scale,
+        ce_scale=hard_scale if need_hard else 0.0,
+        v_common=min(s.shape[1], t.shape[1]),
     )
-    ce_rows = dlogits = None
-    if need_hard:
-        s32 = s.float()
-        ce_rows, dlogits = _ce_rows_and_grad(s32, torch.logsumexp(s32, dim=-1), labels, hard_scale)
-    if need_grad:
-        if dlogits is None:
-            dlogits = s.new_zeros(s.shape)
-        dlogits[:, :Vc] += g_soft
-    return ce_rows, soft_rows, (dlogits if need_grad else None)
+    return (ce_rows if need_hard else None), soft_rows, (dlogits if need_grad else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -22,21 +22,24 @@ def _blocks(V: int, K: int, device: torch.device) -> tuple[int, int, int]:
 
 
 def topk_stats(s: torch.Tensor, indices: torch.Tensor, temperature: float, need_ce: bool):
-    """(logsumexp(s / T), logsumexp(s) or empty, log student tail mass) per row, float32 [C]."""
+    """Per row, float32 [C]: (max_t, log_sum_t, max_1, log_sum_1, log_tail) with log softmax(s / T) = (s / T - max_t)
+    - log_sum_t, the same at T = 1 for the cross-entropy (each [1] when ``need_ce`` is False), and the log of the
+    student's mass outside the top k at T."""
     assert s.stride(-1) == 1 and indices.stride(-1) == 1
     C, V = s.shape
     K = indices.shape[1]
-    lse_t = torch.empty(C, device=s.device, dtype=torch.float32)
-    lse_1 = torch.empty(C if need_ce else 1, device=s.device, dtype=torch.float32)
-    log_tail = torch.empty(C, device=s.device, dtype=torch.float32)
+    max_t, log_sum_t, log_tail = (torch.empty(C, device=s.device, dtype=torch.float32) for _ in range(3))
+    max_1, log_sum_1 = (torch.zeros(C if need_ce else 1, device=s.device, dtype=torch.float32) for _ in range(2))
     if C == 0:
-        return lse_t, lse_1[:0], log_tail
+        return max_t, log_sum_t, max_1, log_sum_1, log_tail
     block_v, block_k, num_warps = _blocks(V, K, s.device)
     topk_stats_kernel[(C,)](
         s,
         indices,
-        lse_t,
-        lse_1,
+        max_t,
+        log_sum_t,
+        max_1,
+        log_sum_1,
         log_tail,
         s.stride(0),
         indices.stride(0),
@@ -48,32 +51,35 @@ def topk_stats(s: torch.Tensor, indices: torch.Tensor, temperature: float, need_
         BLOCK_K=block_k,
         num_warps=num_warps,
     )
-    return lse_t, lse_1, log_tail
+    return max_t, log_sum_t, max_1, log_sum_1, log_tail
 
 
-def topk_grad(s, indices, g_k, big_g, a, lse_t, lse_1, labels, temperature, hard_scale, need_soft, need_ce):
-    """d loss / d logits [C, V] float32 of the top-k soft term (pre-scaled g_k, G, a) plus the CE term."""
+def topk_grad(s, indices, k_coef, tail_coef, stats, labels, temperature, hard_scale, need_soft, need_ce):
+    """d loss / d logits [C, V] float32 of the top-k soft term (pre-scaled ``k_coef`` [C, k] at the top-k tokens,
+    ``tail_coef`` [C] times p_v elsewhere) plus the CE term; ``stats`` are ``topk_stats``'s first four outputs."""
     C, V = s.shape
     K = indices.shape[1]
     out = torch.empty(C, V, device=s.device, dtype=torch.float32)
     if C == 0:
         return out
-    g_k = g_k.float().contiguous()
+    k_coef = k_coef.float().contiguous()
+    max_t, log_sum_t, max_1, log_sum_1 = stats
     label = labels if (need_ce and labels is not None) else indices[:, 0]
     block_v, block_k, num_warps = _blocks(V, K, s.device)
     topk_grad_kernel[(C,)](
         s,
         indices,
-        g_k,
-        big_g.float().contiguous(),
-        a.float().contiguous(),
-        lse_t,
-        lse_1,
+        k_coef,
+        tail_coef.float().contiguous(),
+        max_t,
+        log_sum_t,
+        max_1,
+        log_sum_1,
         label.contiguous(),
         out,
         s.stride(0),
         indices.stride(0),
-        g_k.stride(0),
+        k_coef.stride(0),
         out.stride(0),
         V,
         K,
