@@ -57,16 +57,32 @@ struct KlDivRowsArgs {
   Dtype dtype;
 };
 
+// The teacher's top-k targets of float32 logit rows (contract: fastdistill/train/targets.py, topk_from_hidden).
+struct TopkTargetsArgs {
+  const float* logits;  // [N, V] rows, unit stride inside a row
+  int64_t row_stride;
+  int64_t vocab;
+  int64_t k;                        // 1 <= k <= vocab
+  const double* inv_temperatures;   // [n_temps]
+  int64_t n_temps;
+  int64_t* indices;   // [N, k] out, ascending in a row
+  float* top_logits;  // [N, k] out, the logits at indices
+  float* lse;         // [N, n_temps] out, log-sum-exp of logits / t
+  float* log_tail;    // [N, n_temps] out, log of the mass outside the top k at temperature t
+};
+
 // Rows [begin, end) of the contract in fastdistill/ops/distill_loss.py and fastdistill/ops/kl_div.py.
 namespace cpu_default {
 void distill_loss_rows_range(const DistillRowsArgs& args, int64_t begin, int64_t end);
 void kl_div_rows_range(const KlDivRowsArgs& args, int64_t begin, int64_t end);
+void topk_targets_rows_range(const TopkTargetsArgs& args, int64_t begin, int64_t end);
 }  // namespace cpu_default
 
 namespace cpu_avx2 {
 bool compiled();  // false when the compiler could not build the AVX2 variant (then the functions below abort)
 void distill_loss_rows_range(const DistillRowsArgs& args, int64_t begin, int64_t end);
 void kl_div_rows_range(const KlDivRowsArgs& args, int64_t begin, int64_t end);
+void topk_targets_rows_range(const TopkTargetsArgs& args, int64_t begin, int64_t end);
 }  // namespace cpu_avx2
 
 // "avx2" when this CPU runs the AVX2 variant and FASTDISTILL_CPU_CAPABILITY is not "default", else "default".

@@ -2,7 +2,7 @@
 //
 // Only the row kernels are defined here. The Python package defines its own ops in the same namespace
 // (fastdistill::distill_loss, fastdistill::kl_div) with torch.library.custom_op, which registers FRAGMENTs, so this
-// must stay the namespace's single TORCH_LIBRARY block. Implementations: distill_loss_cpu.cpp, kl_div_cpu.cpp (CPU;
+// must stay the namespace's single TORCH_LIBRARY block. Implementations: distill_loss_cpu.cpp, kl_div_cpu.cpp, topk_targets_cpu.cpp (CPU;
 // GPUs run the Triton kernels). Fake (meta) implementations: fastdistill/ops/_extension_fakes.py.
 #include <torch/extension.h>
 
@@ -19,6 +19,7 @@ TORCH_LIBRARY(fastdistill, m) {
   m.def(
       "kl_div_rows(Tensor input, Tensor target, Tensor grad_scale, bool log_target, bool need_grad) "
       "-> (Tensor, Tensor)");
+  m.def("topk_targets_rows(Tensor logits, int k, float[] temperatures) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -41,6 +41,7 @@
 #define CPU_CAPABILITY_AVX2
 #define FASTDISTILL_CPU_NS cpu_avx2
 #include "cpu_kernels_impl.h"
+#include "topk_kernels_impl.h"
 #pragma GCC pop_options
 #pragma GCC diagnostic pop
 
@@ -56,6 +57,7 @@ namespace fastdistill::cpu::cpu_avx2 {
 bool compiled() { return false; }
 void distill_loss_rows_range(const DistillRowsArgs&, int64_t, int64_t) { std::abort(); }
 void kl_div_rows_range(const KlDivRowsArgs&, int64_t, int64_t) { std::abort(); }
+void topk_targets_rows_range(const TopkTargetsArgs&, int64_t, int64_t) { std::abort(); }
 }  // namespace fastdistill::cpu::cpu_avx2
 
 #endif

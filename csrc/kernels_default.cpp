@@ -7,6 +7,7 @@
 #endif
 #define FASTDISTILL_CPU_NS cpu_default
 #include "cpu_kernels_impl.h"
+#include "topk_kernels_impl.h"
 #undef FASTDISTILL_CPU_NS
 
 #include <cstdlib>

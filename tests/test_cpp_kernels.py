@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_close, assert_within_torch_error
 
 import fastdistill.functional as FD
 from fastdistill import _backend
@@ -410,6 +411,7 @@ def test_opcheck_row_ops():
     )
     target = torch.randn(5, 67).softmax(-1)
     torch.library.opcheck(torch.ops.fastdistill.kl_div_rows.default, (s.log_softmax(-1), target, scale, False, True))
+    torch.library.opcheck(torch.ops.fastdistill.topk_targets_rows.default, (s, 4, [1.0, 2.0]))
 
 
 def test_threads_give_identical_results():
@@ -513,3 +515,65 @@ def test_opcheck_row_op_with_ce():
         torch.ops.fastdistill.distill_loss_rows.default,
         (s, t, labels, torch.tensor([0.5]), 2, 0.5, 2.0, IGNORE, 4.0, True, 1.5),
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# topk_targets_rows: a teacher's top-k targets (fastdistill/train/targets.py, topk_from_hidden)
+# ---------------------------------------------------------------------------------------------------------------
+def _topk_targets_torch(z: torch.Tensor, k: int, temps):
+    """The record by plain torch ops in z's dtype: topk, then log-sum-exps over the whole row and over the others."""
+    top, idx = torch.topk(z, k, dim=-1)
+    idx, order = idx.sort(dim=-1)
+    top = top.gather(1, order)
+    lse, log_tail = [], []
+    for t in temps:
+        lse.append(torch.logsumexp(z / t, dim=-1))
+        log_tail.append(torch.logsumexp((z / t).scatter(1, idx, -float("inf")), dim=-1) - lse[-1])
+    return idx, top, torch.stack(lse, -1), torch.stack(log_tail, -1)
+
+
+@pytest.mark.parametrize(
+    "n,vocab,k,scale",
+    [(7, 1000, 5, 3.0), (5, 49152, 64, 3.0), (3, 70001, 128, 8.0), (4, 131, 7, 30.0), (3, 33, 1, 1.0), (2, 9, 9, 1.0)],
+    ids=["v1000", "v49152-k64", "v70001-k128", "v131-wide", "k1", "k=V"],
+)
+def test_topk_targets_rows_match_float64(capability, seed, n, vocab, k, scale):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, vocab, generator=g) * scale
+    temps = [1.0, 0.5, 2.0]
+    idx, top, lse, log_tail = torch.ops.fastdistill.topk_targets_rows(z, k, temps)
+    ref_idx, ref_top, ref_lse, ref_tail = _topk_targets_torch(z.double(), k, temps)
+    assert torch.equal(idx, ref_idx)
+    assert torch.equal(top, z.gather(1, ref_idx))
+    t_idx, _, t_lse, t_tail = _topk_targets_torch(z, k, temps)
+    assert torch.equal(t_idx, ref_idx)
+    # V summands per log-sum-exp; the tail of k = V is empty (-inf on both sides)
+    assert_within_torch_error(lse, ref_lse, t_lse, summands=vocab, what="lse")
+    if k < vocab:
+        assert_within_torch_error(log_tail, ref_tail, t_tail, summands=vocab, what="log_tail")
+    else:
+        assert torch.equal(log_tail, torch.full_like(log_tail, -float("inf")))
+
+
+def test_topk_targets_rows_ties_masked_and_bad_rows(capability):
+    z = torch.zeros(4, 100)
+    z[1, 50:] = -float("inf")  # a masked vocabulary
+    z[2, 5] = float("nan")
+    z[3, 3] = float("inf")
+    idx, top, lse, log_tail = torch.ops.fastdistill.topk_targets_rows(z, 3, [1.0])
+    # ties keep the lowest indices; the equal entries left out are tail entries
+    assert idx[:2].tolist() == [[0, 1, 2], [0, 1, 2]]
+    assert_close(lse[:2, 0], torch.tensor([100.0, 50.0]).log(), msg="lse with ties")
+    assert_close(log_tail[:2, 0], torch.tensor([97 / 100, 47 / 50]).log(), msg="log_tail with ties")
+    # a NaN or +inf row: NaN lse and tail, the other rows untouched
+    assert lse[2:].isnan().all() and log_tail[2:].isnan().all()
+
+
+def test_topk_targets_rows_bad_input_names_the_argument():
+    op = torch.ops.fastdistill.topk_targets_rows
+    with pytest.raises(RuntimeError, match=r"k=0: expected 1 <= k <= V=10"):
+        op(torch.zeros(2, 10), 0, [1.0])
+    with pytest.raises(RuntimeError, match=r"logits has dtype Double; expected Float"):
+        op(torch.zeros(2, 10, dtype=torch.float64), 1, [1.0])
+    with pytest.raises(RuntimeError, match=r"temperatures has 0; expected every temperature > 0"):
+        op(torch.zeros(2, 10), 1, [0.0])

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastdistill import _backend
 from fastdistill.train import targets as tg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,12 +40,15 @@ def _seed(request) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # the record and its coding (in process)
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
 @pytest.mark.parametrize("vocab,k,temps", [(256, 16, (1.0,)), (70001, 32, (2.0, 1.0))], ids=["v256", "v70001-2temps"])
-def test_topk_record_and_coding_against_float64(request, vocab, k, temps):
+def test_topk_record_and_coding_against_float64(request, vocab, k, temps, backend):
+    if backend == "cpp" and not _backend.has_cpp_op("topk_targets_rows"):
+        pytest.skip("fastdistill._C is not built")
     g = torch.Generator().manual_seed(_seed(request))
     hidden = torch.randn(3, 7, 24, generator=g)
     weight = torch.randn(vocab, 24, generator=g) * 0.3
-    rec = tg.topk_from_hidden(hidden, weight, k, temps, chunk_rows=8)
+    rec = tg.topk_from_hidden(hidden, weight, k, temps, chunk_rows=8, backend=backend)
     z = (hidden.double() @ weight.double().t()).reshape(-1, vocab)
     ref_idx = z.topk(k, dim=-1).indices.sort(dim=-1).values
     assert torch.equal(rec.indices.reshape(-1, k), ref_idx)

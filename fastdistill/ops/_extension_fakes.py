@@ -38,3 +38,14 @@ def _kl_div_rows_fake(input, target, grad_scale, log_target, need_grad):
     rows = input.new_empty((input.shape[0],), dtype=torch.float32)
     grad = input.new_empty(input.shape) if need_grad else input.new_empty((0,))
     return rows, grad
+
+
+@torch.library.register_fake("fastdistill::topk_targets_rows")
+def _topk_targets_rows_fake(logits, k, temperatures):
+    n, nt = logits.shape[0], len(temperatures)
+    return (
+        logits.new_empty((n, k), dtype=torch.long),
+        logits.new_empty((n, k)),
+        logits.new_empty((n, nt)),
+        logits.new_empty((n, nt)),
+    )
