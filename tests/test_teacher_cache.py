@@ -12,23 +12,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from _launch import REPO, check, launch, launched, save_tiny_teacher
 
 from fastdistill.train import targets as tg
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny_llama_zero3.yaml")
-BIN = os.path.dirname(sys.executable)
-DEEPSPEED = (
-    os.path.join(BIN, "deepspeed") if os.path.exists(os.path.join(BIN, "deepspeed")) else shutil.which("deepspeed")
-)
-TIMEOUT = 420
 STEP = tg.DEFAULT_LOGPROB_STEP
 
 
@@ -161,10 +153,10 @@ def test_missing_sequence_error_or_skip(tmp_path):
                 with pytest.raises(store.CacheError, match=f"has no targets for the sequence with key {key}"):
                     src.batch(0)
             else:
-                input_ids, labels, (values, indices), _ = src.batch(0)
-                assert src.missing == 2
+                input_ids, labels, record, _ = src.batch(0)
+                assert isinstance(record, tg.TopKTargets) and src.missing == 2
                 assert (labels[2:] == -100).all() and (labels[:2] != -100).any(-1).all()
-                assert torch.equal(indices[:2], rec.indices[:2])
+                assert torch.equal(record.indices[:2], rec.indices[:2])
         finally:
             src.close()
 
@@ -172,55 +164,6 @@ def test_missing_sequence_error_or_skip(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # build and train under the deepspeed launcher
 # ---------------------------------------------------------------------------------------------------------------
-def launcher(test):
-    """Marks of the multi-process tests (the real deepspeed launcher on CPU)."""
-    for mark in (
-        pytest.mark.cpu_only,
-        pytest.mark.slow,
-        pytest.mark.skipif(DEEPSPEED is None, reason="deepspeed launcher not found"),
-    ):
-        test = mark(test)
-    return test
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_env(**extra) -> dict:
-    drop = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES")
-    env = {k: v for k, v in os.environ.items() if k not in drop + ("TRITON_INTERPRET",)}
-    env.update(
-        DS_ACCELERATOR="cpu",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        DS_BUILD_OPS="0",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
-    )
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torch_extensions"))
-    env.update(extra)
-    return env
-
-
-def check(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, (
-        f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
-    )
-
-
-def launch(module: str, args: list[str], nproc: int | None, env: dict | None = None):
-    """``deepspeed --num_gpus nproc --module module args`` or, with nproc None, one plain process."""
-    if nproc is None:
-        cmd = [sys.executable, "-m", module, *args]
-    else:
-        cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-        cmd += ["--module", module, *args]
-    return subprocess.run(cmd, cwd=REPO, env=run_env(**(env or {})), capture_output=True, text=True, timeout=TIMEOUT)
-
-
 def build_args(folder: str, teacher: str, *overrides: str) -> list[str]:
     common = ["teacher.model=" + teacher, "teacher.config=null", "cache.shard_sequences=4", "cache.k=16"]
     return ["build", "--config", TINY, "--output", folder, *common, *overrides]
@@ -228,17 +171,7 @@ def build_args(folder: str, teacher: str, *overrides: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory) -> str:
-    import transformers
-    import yaml
-
-    cfg = dict(yaml.safe_load(open(TINY))["teacher"]["config"])
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(
-        transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    )
-    folder = str(tmp_path_factory.mktemp("teacher"))
-    model.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return save_tiny_teacher(str(tmp_path_factory.mktemp("teacher")), TINY)
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +190,7 @@ def _all_targets(folder):
     return keys, reader.lookup(keys)
 
 
-@launcher
+@launched
 def test_zero3_build_equals_unsharded_teacher_topk(zero3_cache, teacher_dir):
     import transformers
     import yaml
@@ -285,7 +218,7 @@ def test_zero3_build_equals_unsharded_teacher_topk(zero3_cache, teacher_dir):
     torch.testing.assert_close(got.log_tail[..., 0].double(), tail, rtol=1e-4, atol=1e-4)
 
 
-@launcher
+@launched
 def test_sigkill_mid_build_then_restart_gives_the_same_cache(zero3_cache, teacher_dir, tmp_path):
     from fastdistill.cache import store
 
@@ -317,14 +250,7 @@ def test_sigkill_mid_build_then_restart_gives_the_same_cache(zero3_cache, teache
     off = diff > 1e-4
     assert off.float().mean() < 1e-3 and diff.max() <= STEP + 1e-4, (off.sum(), diff.max())
     torch.testing.assert_close(got.log_tail, ref.log_tail, rtol=1e-5, atol=1e-6)
-    info = subprocess.run(
-        [sys.executable, "-m", "fastdistill.cache", "info", folder, "teacher.config=null", "--json", "--config", TINY],
-        cwd=REPO,
-        env=run_env(),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
+    info = launch("fastdistill.cache", ["info", folder, "teacher.config=null", "--json", "--config", TINY], nproc=None)
     check(info)
     out = json.loads(info.stdout)
     assert out["sequences"] == 64 and out["tokens"] == 64 * 32 and out["k"] == 16
@@ -332,7 +258,7 @@ def test_sigkill_mid_build_then_restart_gives_the_same_cache(zero3_cache, teache
     assert 0 < out["topk_mass_p5"] <= out["topk_mass_mean"] < 1 and 0 < out["bytes_per_token"] < 100
 
 
-@launcher
+@launched
 def test_two_ranks_seed1_and_one_rank_seed7_read_identical_targets(zero3_cache, tmp_path):
     common = ["--config", TINY, f"teacher.cache={zero3_cache}", "logging.progress_bar=false", "schedule.save_every=0"]
     common += ["schedule.max_steps=3", "run.resume=never", "cache.k=16", "teacher.config=null"]
@@ -357,7 +283,7 @@ def test_two_ranks_seed1_and_one_rank_seed7_read_identical_targets(zero3_cache, 
         assert torch.equal(i2, i1) and torch.equal(v2, v1), key
 
 
-@launcher
+@launched
 def test_mismatched_manifest_is_an_error_naming_both_values(zero3_cache, teacher_dir, tmp_path):
     from fastdistill.cache import source, store
     from fastdistill.train.config import load_config
