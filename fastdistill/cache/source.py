@@ -69,6 +69,33 @@ def check_run(cfg: dict, vocab_size: int, manifest: dict | None = None) -> None:
         )
 
 
+def check_run_per_node(cfg: dict, vocab_size: int) -> None:
+    """:func:`check_run` for a launched run: one process per machine (local rank 0) hashes the teacher's and the
+    tokenizer's files and compares them with the manifest, then every rank learns the verdict (one ``all_gather``).
+
+    Per machine rather than once for the launch: each node reads its own copy of the files (nodes need not share a
+    filesystem), so a node whose copy differs is caught and named; the cost is one read of the weights per node
+    instead of one per rank (G ranks of a node each reading and hashing the whole teacher at start)."""
+    import socket
+
+    import torch.distributed as dist
+
+    verdict = None
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        try:
+            check_run(cfg, vocab_size)
+        except (store.CacheError, ValueError) as e:
+            verdict = (type(e).__name__, str(e))
+    verdicts = [None] * dist.get_world_size()
+    dist.all_gather_object(verdicts, (verdict, socket.gethostname()))
+    for v, host in verdicts:
+        if v is not None:
+            kind, msg = v
+            if dist.get_world_size() > 1 and len({h for _, h in verdicts}) > 1:
+                msg = f"{msg} (on node {host})"
+            raise (ValueError if kind == "ValueError" else store.CacheError)(msg)
+
+
 class CachedTeacher:
     """``batch(micro_step) -> (input_ids, labels, TopKTargets, None)`` in the sampler's order, prefetched by a
     thread.

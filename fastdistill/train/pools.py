@@ -129,8 +129,10 @@ def validate_pools(cfg: dict, validate) -> dict:
         for loss in resolved["losses"]:
             if loss["type"] in ("hint", "attention", "affinity"):
                 raise ConfigError(
-                    f"{key}.losses: a {loss['type']!r} loss needs intermediate teacher states, which a pool payload "
-                    f"does not carry; expected only 'logit_kd' / 'hard_ce' in a student pool"
+                    f"{key}.losses: a {loss['type']!r} loss needs the teacher's intermediate hidden states or "
+                    "attention q / k, which a pool payload does not carry (only final hidden states or top-k "
+                    "records); expected only 'logit_kd' / 'hard_ce' in a student pool (train this student colocated, "
+                    "without 'pools')"
                 )
             if loss["type"] == "logit_kd" and payload == "topk" and not loss.get("topk"):
                 raise ConfigError(
@@ -502,7 +504,7 @@ def serve_teacher(cfg: dict, plan: PoolPlan) -> dict:
             f"serving {len(plan.students)} student pools from step {start}",
             flush=True,
         )
-    t_loop = time.time()
+    t_loop, cpu_loop = time.time(), time.process_time()
     for m in range(start * ga, max_steps * ga):
         input_ids, labels = sampler.batch(m)
         t0 = time.perf_counter()
@@ -541,7 +543,7 @@ def serve_teacher(cfg: dict, plan: PoolPlan) -> dict:
             plan.bridge.wait(q.popleft(), g, "the last records")
     while rank == 0 and pending:
         commit(plan, pending.pop(0), reports)
-    loop_s = time.time() - t_loop
+    loop_s, loop_cpu_s = time.time() - t_loop, time.process_time() - cpu_loop
     summary = {
         "pool": "teacher",
         "world_size": world,
@@ -551,13 +553,15 @@ def serve_teacher(cfg: dict, plan: PoolPlan) -> dict:
         "forward_seconds": t_fwd,
         "send_seconds": t_send,
         "loop_seconds": loop_s,
+        "loop_cpu_seconds": loop_cpu_s,  # this rank's CPU time in the loop (the teacher's cost, whatever the load)
         "busy_fraction": t_fwd / max(loop_s, 1e-9),
         "bytes_sent": bytes_sent,
         "teacher_param_bytes_per_rank": all_mem,
         "wall_seconds": time.time() - t_start,
     }
     per_rank = [None] * world
-    dist.all_gather_object(per_rank, {k: summary[k] for k in ("teacher_forwards", "bytes_sent", "forward_seconds")})
+    keys = ("teacher_forwards", "bytes_sent", "forward_seconds", "loop_seconds", "loop_cpu_seconds")
+    dist.all_gather_object(per_rank, {k: summary[k] for k in keys})
     if rank == 0:
         summary["per_rank"] = per_rank
         with open(os.path.join(out_dir, "summary.json"), "w") as f:

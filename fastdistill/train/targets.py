@@ -177,9 +177,11 @@ def topk_from_hidden(
             if t != 1.0:
                 e.div_(t)
             e.exp_()  # [C, V], max entry 1
-            log_total = torch.log(e.sum(dim=-1))
-            # the tail: a sum over the other V - k tokens themselves (not 1 - sum(top k), which cancels)
-            log_rest = torch.log(e.scatter_(1, idx, 0.0).sum(dim=-1))
+            # the tail: a sum over the other V - k tokens themselves (not 1 - sum(top k), which cancels); the total
+            # is tail + top k, two sums of positive terms (one pass over [C, V] fewer than summing e twice)
+            rest = e.scatter_(1, idx, 0.0).sum(dim=-1)
+            top = ((top_z - z_max) / t).exp().sum(dim=-1)
+            log_total, log_rest = torch.log(rest + top), torch.log(rest)
             lse_t = z_max[:, 0] / t + log_total
             lse[a : a + c, i] = lse_t
             log_tail[a : a + c, i] = log_rest - log_total
