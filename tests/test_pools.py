@@ -325,13 +325,15 @@ def test_killed_teacher_rank_ends_the_job_with_its_name(tmp_path):
     assert proc.returncode != 0, output(proc)
     printed = proc.stdout + proc.stderr
     assert "fastdistill: pools: teacher pool = global ranks 0..1" in printed, output(proc)
-    assert stopped_after < DEAD_AFTER_S + 50, stopped_after
     # every survivor's last line names the killed rank first, whichever way it stopped (the launcher's SIGTERM sweep,
     # its collective or bridge wait failing, or the store going with rank 0), never a rank the sweep ended
     dead = "teacher pool rank 1 (global rank 1)"
     named = re.findall(r"[Ss]topped first: (?:pools: )?(.*)", printed)
     assert named, output(proc)
     assert all(n.startswith(dead) for n in named), (named, output(proc))
+    # no hang: far below pools.timeout_s (300 s in pools_tiny.yaml) and gloo's 30-minute default, with room for the
+    # launcher's sequential SIGTERM sweep of 3 survivors on a loaded 2-core machine
+    assert stopped_after < 120, (stopped_after, output(proc))
     assert "lost the store" not in printed or "stopped first: " + dead in printed
 
 
