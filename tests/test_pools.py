@@ -184,6 +184,40 @@ def test_record_layout_round_trip(seed):
         lay.pack({**fields, "topk_logprobs": fields["topk_logprobs"][:2]})
 
 
+def test_distill_loss_takes_the_topk_record_from_every_source(seed):
+    """One top-k input type: the record a pool sends (or a cache serves) and the colocated top-k path (computed from
+    the teacher's hidden states inside the loss) give the same loss, equal to a float64 reference of the bucket loss
+    (the k teacher tokens + the exact tail, KL(teacher || student) x T^2, plus the weighted hard CE)."""
+    from fastdistill.train.losses import DistillLoss
+
+    g = torch.Generator().manual_seed(seed)
+    n, h_s, h_t, vocab, k, temp = 37, 16, 24, 300, 8, 2.0
+    hs, ws = torch.randn(n, h_s, generator=g), torch.randn(vocab, h_s, generator=g) * 0.3
+    ht, wt = torch.randn(n, h_t, generator=g), torch.randn(vocab, h_t, generator=g) * 0.3
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    labels[::5] = -100
+    losses = [{"type": "logit_kd", "weight": 1.0, "divergence": "forward_kl", "beta": 0.5, "temperature": temp,
+               "topk": k, "topk_tail": "bucket"}, {"type": "hard_ce", "weight": 0.5}]  # fmt: skip
+    loss_fn = DistillLoss(losses, "fused", h_s, h_t)
+    record = tg.topk_from_hidden(ht, wt, k, (temp,))
+    from_record, parts = loss_fn(hs, ws, record, None, labels)
+    colocated, _ = loss_fn(hs, ws, ht, wt, labels)
+    assert torch.equal(from_record, colocated)
+    # float64 reference
+    keep = labels != -100
+    zs, zt = (hs.double() @ ws.double().t())[keep], (ht.double() @ wt.double().t())[keep]
+    pt, ls = torch.log_softmax(zt / temp, -1), torch.log_softmax(zs / temp, -1)
+    idx = pt.topk(k, -1).indices
+    t_top, s_top = pt.gather(-1, idx), ls.gather(-1, idx)
+    t_tail = torch.log(-torch.expm1(torch.logsumexp(t_top, -1)))
+    s_tail = torch.log(-torch.expm1(torch.logsumexp(s_top, -1)))
+    kl = (t_top.exp() * (t_top - s_top)).sum(-1) + t_tail.exp() * (t_tail - s_tail)
+    ce = torch.nn.functional.cross_entropy(zs, labels[keep])
+    ref = temp**2 * kl.mean() + 0.5 * ce
+    torch.testing.assert_close(from_record.double(), ref, rtol=2e-5, atol=0)
+    torch.testing.assert_close(parts["kd"].double(), temp**2 * kl.mean(), rtol=2e-5, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # launched runs
 # ---------------------------------------------------------------------------------------------------------------
