@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 
+import _launch  # noqa: E402
 import pytest
 import torch
 import yaml
@@ -32,7 +33,7 @@ from fastdistill.train.config import ConfigError, load_config, validate
 
 TINY = os.path.join(REPO, "configs", "pools_tiny.yaml")
 SHIPPED = ["pools_tiny.yaml", "pools_demo.yaml"]
-TIMEOUT = 480
+TIMEOUT = max(480, _launch.TIMEOUT)
 DEAD_AFTER_S = 10  # pools.dead_after_s in the fault tests
 
 
