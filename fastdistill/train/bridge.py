@@ -249,6 +249,7 @@ class Watchdog:
             self._watch_local()
             try:
                 self._beat()
+                self.ages()  # the store answers (it lives in global rank 0's process)
             except Exception:
                 if not self._stop.is_set():
                     self._die(
