@@ -12,7 +12,8 @@ first K students as pools of one rank each.
 
 The figure: aggregate throughput at equal compute, ``speedup = sum_i cpu_i(colocated) / (cpu(teacher pool) + sum_i
 cpu_i(pool))`` per step (CPU seconds: what K separate runs and one pools launch cost for the same K student steps),
-against the ideal ``sum_i (T + S_i) / (T + sum_i S_i)`` (= K(T+S)/(T+KS) for equal students): ``fraction_of_ideal``.
+against the ideal ``sum_i (T + S_i) / (T + sum_i S_i)`` (= K(T+S)/(T+KS) for equal students) with T and S in CPU
+seconds too (``perf/teacher_cpu_s``; the wall-clock ideal is in the row as ``ideal_wall_clock``): ``fraction_of_ideal``.
 CPU seconds are used, not wall clock, because a shared machine gives each process a share of the cores that depends
 on everyone else's load; wall-clock tokens/s per pool and the students' wait fraction (the time a student waited for
 its teacher records) are in the row too, with the load average. Rows are appended to benchmarks/results/bench_pools.csv.
@@ -113,13 +114,16 @@ def steady(folder: str) -> dict:
     """Medians over the steady steps (the first left out) of a run folder's metrics.csv, and its summary."""
     with open(os.path.join(folder, "metrics.csv")) as f:
         rows = [r for r in csv.DictReader(f) if r.get("perf/cpu_s")][1:]
-    med = {k: statistics.median(float(r[k]) for r in rows) for k in ("perf/teacher_s", "perf/student_s", "perf/cpu_s")}
+    keys = ("perf/teacher_s", "perf/student_s", "perf/cpu_s", "perf/teacher_cpu_s")
+    med = {k: statistics.median(float(r[k]) for r in rows) for k in keys}
     summary = json.load(open(os.path.join(folder, "summary.json")))
     waits = [float(r["pools/wait_fraction"]) for r in rows if r.get("pools/wait_fraction")]
     return {
         "T": med["perf/teacher_s"],
         "S": med["perf/student_s"],
         "cpu": med["perf/cpu_s"],
+        "T_cpu": med["perf/teacher_cpu_s"],  # the teacher forward's CPU seconds per step (colocated)
+        "S_cpu": med["perf/cpu_s"] - med["perf/teacher_cpu_s"],
         "tokens_per_s": summary["tokens_per_s"],
         "wait_fraction": statistics.mean(waits) if waits else None,
         "payload_bytes_per_token": summary.get("payload_bytes_per_token"),
@@ -221,7 +225,12 @@ def main() -> None:
         chosen = students[:k]
         T = statistics.mean(coloc[s["name"]]["T"] for s in chosen)
         S = [coloc[s["name"]]["S"] for s in chosen]
-        ideal = sum(T + si for si in S) / (T + sum(S))
+        ideal_wall = sum(T + si for si in S) / (T + sum(S))
+        # the same ideal from CPU seconds (wall-clock T and S carry the machine's load: a loaded run queue stretches
+        # them unevenly); the figure below is in CPU seconds, so is the ideal it is held against
+        t_cpu = statistics.mean(coloc[s["name"]]["T_cpu"] for s in chosen)
+        s_cpu = [coloc[s["name"]]["S_cpu"] for s in chosen]
+        ideal = sum(t_cpu + si for si in s_cpu) / (t_cpu + sum(s_cpu))
         coloc_cpu = sum(coloc[s["name"]]["cpu"] for s in chosen)
         for payload in args.payloads:
             got = pools_launch(
@@ -236,6 +245,9 @@ def main() -> None:
                 "teacher_ranks": args.teacher_ranks,
                 "speedup_equal_compute": round(speedup, 3),
                 "ideal": round(ideal, 3),
+                "ideal_wall_clock": round(ideal_wall, 3),
+                "T_cpu_s": round(t_cpu, 4),
+                "S_cpu_s": " ".join(f"{x:.4f}" for x in s_cpu),
                 "fraction_of_ideal": round(speedup / ideal, 3),
                 "colocated_cpu_s_per_step": round(coloc_cpu, 4),
                 "pools_cpu_s_per_step": round(pools_cpu, 4),
@@ -267,6 +279,11 @@ def main() -> None:
                 flush=True,
             )
     path = os.path.join(C.results_dir(), "bench_pools.csv")
+    if os.path.isfile(path):  # rows of other columns (an older version) are kept aside, never misaligned
+        with open(path) as f:
+            header = f.readline().strip().split(",")
+        if header != list(rows[0]):
+            os.replace(path, path[:-4] + f".before-{time.strftime('%Y%m%dT%H%M%S')}.csv")
     new = not os.path.isfile(path)
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -510,12 +510,13 @@ def run(cfg: dict) -> dict:
     t_train = time.time()
     while step < sched["max_steps"]:
         t_step, cpu_step = time.time(), time.process_time()
-        t_teacher = t_student = 0.0
+        t_teacher = t_student = cpu_teacher = 0.0
         sums: dict[str, float] = {}
         for a in range(ga):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             input_ids, labels, t_hidden, t_states = source.batch(step * ga + a)
             t1 = time.perf_counter()
+            cpu_teacher += time.process_time() - c0
             loss, parts = student(input_ids, labels, t_hidden, t_states)
             del t_hidden, t_states  # the teacher's activations are not needed for backward
             student.backward(loss)
@@ -540,6 +541,7 @@ def run(cfg: dict) -> dict:
                 "perf/teacher_s": t_teacher,
                 "perf/student_s": t_student,
                 "perf/cpu_s": time.process_time() - cpu_step,  # this rank's CPU seconds (all threads): load-proof
+                "perf/teacher_cpu_s": cpu_teacher,
             }
         )
         if plan is not None:
