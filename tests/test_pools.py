@@ -85,7 +85,7 @@ POOL_ERRORS = [
     (
         "hint_loss",
         lambda c: _student(c, 0).update(losses=[{"type": "logit_kd"}, {"type": "hint", "layer_map": {0: 1}}]),
-        ["pools.students[0].losses", "'hint'", "intermediate teacher states"],
+        ["pools.students[0].losses", "'hint'", "intermediate hidden states", "colocated"],
     ),
     (
         "bad_student_key",
