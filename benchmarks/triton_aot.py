@@ -49,18 +49,21 @@ BF16_V = 128256  # a Llama-3 vocabulary: the launchers' largest GPU tiles
 # ------------------------------------------------------------------------------------------------------------- specs
 # One entry per launch regime: (name, function that calls one launcher on fake CUDA tensors, extra checks). Keep in
 # step with the launchers' signatures; block sizes and warps are the launchers' own.
-def _distill_loss(divergence: str, *, V=BF16_V, labels=True, grad=True, ce=0.0, temperature=2.0, dtype="bfloat16"):
+def _distill_loss(
+    divergence: str, *, V=BF16_V, Vt=None, labels=True, grad=True, ce=0.0, temperature=2.0, dtype="bfloat16"
+):
     def call(torch):
         from fastdistill.ops.distill_loss import DIVERGENCE_ID, canonical_divergence
         from fastdistill.ops.distill_loss_triton import distill_loss_rows_triton
 
         dt = getattr(torch, dtype)
-        s, t = torch.randn(8, V, device="cuda", dtype=dt), torch.randn(8, V, device="cuda", dtype=dt)
+        s, t = torch.randn(8, V, device="cuda", dtype=dt), torch.randn(8, Vt or V, device="cuda", dtype=dt)
         lab = torch.randint(0, V, (8,), device="cuda") if labels else None
         beta = 0.3
         div = canonical_divergence(DIVERGENCE_ID[divergence], beta)
         one = torch.ones(1, device="cuda")
-        distill_loss_rows_triton(s, t, lab, one, div, beta, temperature, -100, temperature**2, grad, ce)
+        vc = min(V, Vt or V)
+        distill_loss_rows_triton(s, t, lab, one, div, beta, temperature, -100, temperature**2, grad, ce, 1.0, vc)
 
     return call
 
@@ -113,6 +116,9 @@ SPECS = [
     ("distill_loss forward_kl eval (no labels, no grad)", _distill_loss("forward_kl", labels=False, grad=False), VEC),
     ("distill_loss forward_kl + fused CE (T=1)", _distill_loss("forward_kl", ce=1.0, temperature=1.0), VEC),
     ("distill_loss jsd + fused CE (T=2)", _distill_loss("jsd", ce=0.5), VEC),
+    # a teacher narrower than the student (Vt < Vs: the divergence over [:Vt], CE over the student's whole row)
+    ("distill_loss forward_kl + fused CE, Vt < Vs", _distill_loss("forward_kl", Vt=BF16_V - 256, ce=1.0), VEC),
+    ("distill_loss jsd + fused CE, Vt < Vs", _distill_loss("jsd", Vt=BF16_V - 256, ce=0.5), VEC),
     (f"distill_loss forward_kl fp16 V={BF16_V}", _distill_loss("forward_kl", dtype="float16"), VEC),
     (f"distill_loss forward_kl fp32 V={BF16_V}", _distill_loss("forward_kl", dtype="float32"), {}),
     ("distill_loss forward_kl fp32 V=1000 (1024 tile)", _distill_loss("forward_kl", V=1000, dtype="float32"), {}),

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import zlib
 
 import pytest
@@ -17,7 +15,7 @@ pytest.importorskip("deepspeed")
 pytest.importorskip("pyarrow")
 transformers = pytest.importorskip("transformers")
 
-from test_train import DEEPSPEED, REPO, check, free_port, run_env  # noqa: E402
+from _launch import REPO, check, launch, launched  # noqa: E402
 
 from fastdistill.generate import (  # noqa: E402
     Codec,
@@ -33,7 +31,6 @@ from fastdistill.generate import (  # noqa: E402
 from fastdistill.train.data import ByteTokenizer  # noqa: E402
 
 CONFIG = os.path.join(REPO, "configs", "generate_tiny.yaml")
-TIMEOUT = 420
 
 
 def seed_of(request) -> int:
@@ -168,22 +165,11 @@ def test_template_and_file_errors(tmp_path):
         build_prompts([{"text": "a"}], "Q: {question}", CODEC)
 
 
-def launch_generate(out: str, teacher: str, prompts: str, *overrides: str, nproc: int = 0, env: dict | None = None):
-    base = [sys.executable, "-m", "fastdistill.generate"]
-    if nproc:
-        base = [DEEPSPEED, "--num_gpus", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-        base += ["--module", "fastdistill.generate"]
-    cmd = base + [
-        "--config",
-        CONFIG,
-        f"run.output_dir={out}",
-        f"teacher.model={teacher}",
-        "teacher.config=null",
-        f"prompts.source={prompts}",
-        "logging.progress_bar=false",
-        *overrides,
-    ]
-    return subprocess.run(cmd, cwd=REPO, env=run_env(**(env or {})), capture_output=True, text=True, timeout=TIMEOUT)
+def launch_generate(out: str, teacher: str, prompts: str, *overrides: str, nproc: int | None = None, env=None):
+    """``fastdistill.generate`` on the tiny config: ``nproc`` ranks under the launcher, or one plain process."""
+    args = ["--config", CONFIG, f"run.output_dir={out}", f"teacher.model={teacher}", "teacher.config=null"]
+    args += [f"prompts.source={prompts}", "logging.progress_bar=false", *overrides]
+    return launch("fastdistill.generate", args, nproc, env)
 
 
 def reference_rows(model, prompt_file: str, temperature: float) -> list[list[list[int]]]:
@@ -198,9 +184,7 @@ def reference_rows(model, prompt_file: str, temperature: float) -> list[list[lis
     return [[s.token_ids for s in g] for g in out]
 
 
-@pytest.mark.cpu_only
-@pytest.mark.slow
-@pytest.mark.skipif(DEEPSPEED is None, reason="deepspeed launcher not found")
+@launched
 def test_zero3_two_ranks_generate_what_the_unsharded_teacher_does(model, teacher_dir, prompt_file, tmp_path):
     out = str(tmp_path / "zero3")
     check(launch_generate(out, teacher_dir, prompt_file, "sampling.temperature=0", nproc=2))

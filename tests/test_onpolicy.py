@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
 
-from test_train import DEEPSPEED, REPO, TIMEOUT, check, free_port, run_env  # noqa: E402
+from _launch import DEEPSPEED, REPO, TIMEOUT, check, free_port, run_env  # noqa: E402
 
 import fastdistill.functional as FD
 from fastdistill.train import onpolicy

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 
 import pytest
@@ -15,7 +14,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from test_train import REPO, check, run_env  # noqa: E402
+from _launch import REPO, check, run  # noqa: E402
 
 from fastdistill.generate import Codec, Prompt, PromptError  # noqa: E402
 from fastdistill.socratic import data as D  # noqa: E402
@@ -134,14 +133,7 @@ def test_teacher_stage_on_a_tiny_random_teacher(tmp_path):
     cfg["logging"] = {"progress_bar": False}
     path = tmp_path / "soc.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    proc = subprocess.run(
-        [sys.executable, "-m", "fastdistill.socratic", "build", "--config", str(path)],
-        cwd=REPO,
-        env=run_env(),
-        capture_output=True,
-        text=True,
-        timeout=420,
-    )
+    proc = run([sys.executable, "-m", "fastdistill.socratic", "build", "--config", str(path)])
     check(proc)
     summary = json.load(open(tmp_path / "out" / "teacher_summary.json"))
     assert summary["train_chains_kept"] + summary["train_chains_dropped"] == 3  # 4 train problems, 1 is the shot

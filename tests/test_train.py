@@ -13,8 +13,6 @@ import csv
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import time
 
@@ -24,103 +22,24 @@ import torch
 pytest.importorskip("deepspeed")
 transformers = pytest.importorskip("transformers")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _launch import LAUNCHED, REPO, TIMEOUT, check, launch_nodes, losses, run, save_tiny_teacher, start  # noqa: E402
+from _launch import launch as launch_module  # noqa: E402
+
 TINY = os.path.join(REPO, "configs", "tiny_llama_zero3.yaml")
 DEMO = os.path.join(REPO, "configs", "demo_smollm2.yaml")
-BIN = os.path.dirname(sys.executable)
-DEEPSPEED = (
-    os.path.join(BIN, "deepspeed") if os.path.exists(os.path.join(BIN, "deepspeed")) else shutil.which("deepspeed")
-)
-TIMEOUT = 420
 
-pytestmark = [
-    pytest.mark.cpu_only,
-    pytest.mark.slow,
-    pytest.mark.skipif(DEEPSPEED is None, reason="deepspeed launcher not found"),
-]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_env(**extra) -> dict:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k
-        not in (
-            "RANK",
-            "LOCAL_RANK",
-            "WORLD_SIZE",
-            "LOCAL_SIZE",
-            "MASTER_ADDR",
-            "MASTER_PORT",
-            "CUDA_VISIBLE_DEVICES",
-            "TRITON_INTERPRET",
-        )
-    }
-    env.update(
-        DS_ACCELERATOR="cpu",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        DS_BUILD_OPS="0",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
-    )
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torch_extensions"))
-    env.update(extra)
-    return env
-
-
-def check(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, (
-        f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
-    )
+pytestmark = LAUNCHED
 
 
 def launch(out: str, teacher: str, *overrides: str, nproc: int = 2, env: dict | None = None):
-    cmd = [
-        DEEPSPEED,
-        "--num_gpus",
-        str(nproc),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        "--module",
-        "fastdistill.train",
-        "--config",
-        TINY,
-        f"run.output_dir={out}",
-        f"teacher.model={teacher}",
-        "teacher.config=null",
-        "logging.progress_bar=false",
-        *overrides,
-    ]
-    return subprocess.run(cmd, cwd=REPO, env=run_env(**(env or {})), capture_output=True, text=True, timeout=TIMEOUT)
-
-
-def losses(out: str) -> dict[int, float]:
-    with open(os.path.join(out, "metrics.csv")) as f:
-        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+    args = ["--config", TINY, f"run.output_dir={out}", f"teacher.model={teacher}", "teacher.config=null"]
+    return launch_module("fastdistill.train", [*args, "logging.progress_bar=false", *overrides], nproc, env)
 
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory) -> str:
     """The tiny Llama of configs/tiny_llama_zero3.yaml with fixed random weights, saved as a folder."""
-    import yaml
-
-    cfg = dict(yaml.safe_load(open(TINY))["teacher"]["config"])
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(
-        transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    )
-    folder = str(tmp_path_factory.mktemp("teacher"))
-    model.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return save_tiny_teacher(str(tmp_path_factory.mktemp("teacher")), TINY)
 
 
 @pytest.fixture(scope="module")
@@ -202,36 +121,9 @@ def test_two_node_launch_simulated_on_one_machine(zero3_run, teacher_dir, tmp_pa
     """Two 'nodes' of one slot each: ``deepspeed --hostfile H --no_ssh --node_rank R`` started once per node."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
-    out, port = str(tmp_path / "twonode"), free_port()
-    procs = []
-    for node_rank in (0, 1):
-        cmd = [
-            DEEPSPEED,
-            "--hostfile",
-            str(hostfile),
-            "--no_ssh",
-            "--node_rank",
-            str(node_rank),
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(port),
-            "--module",
-            "fastdistill.train",
-            "--config",
-            TINY,
-            f"run.output_dir={out}",
-            f"teacher.model={teacher_dir}",
-            "teacher.config=null",
-            "logging.progress_bar=false",
-        ]
-        procs.append(
-            subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        )
-    results = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=TIMEOUT)
-        results.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    out = str(tmp_path / "twonode")
+    args = ["--config", TINY, f"run.output_dir={out}", f"teacher.model={teacher_dir}", "teacher.config=null"]
+    results = launch_nodes("fastdistill.train", [*args, "logging.progress_bar=false"], str(hostfile))
     for r in results:
         check(r)
     assert json.load(open(os.path.join(out, "summary.json")))["world_size"] == 2
@@ -259,7 +151,7 @@ def test_single_process_demo_config_with_tiny_model(teacher_dir, tmp_path):
         "data.max_heldout_sequences=8",
         "schedule.max_steps=3",
     ]
-    proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    proc = run(cmd)
     check(proc)
     assert "held-out perplexity: student" in proc.stdout
     printed = proc.stdout + proc.stderr
@@ -313,7 +205,7 @@ def test_every_loss_with_a_narrower_student_single_process(teacher_dir, tmp_path
         "schedule.save_every=0",
         "logging.progress_bar=false",
     ]
-    check(subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=TIMEOUT))
+    check(run(cmd))
     with open(os.path.join(out, "metrics.csv")) as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
     assert len(rows) == 3
@@ -369,7 +261,7 @@ def test_ctrl_c_names_the_last_checkpoint_and_the_command(teacher_dir, tmp_path)
     cmd = [sys.executable, "-m", "fastdistill.train", "--config", TINY, f"run.output_dir={out}"]
     cmd += [f"teacher.model={teacher_dir}", "teacher.config=null", "schedule.max_steps=500", "schedule.save_every=2"]
     cmd += ["logging.progress_bar=false", "logging.tensorboard=false"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start(cmd)
     latest = os.path.join(out, "checkpoints", "latest")
     deadline = time.time() + TIMEOUT
     while not os.path.isfile(latest) and proc.poll() is None and time.time() < deadline:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -15,7 +14,7 @@ import torch
 pytest.importorskip("pyarrow")
 transformers = pytest.importorskip("transformers")
 
-from test_train import REPO, check, run_env  # noqa: E402
+from _launch import check, run  # noqa: E402
 
 from fastdistill.generate import Codec, PromptError  # noqa: E402
 from fastdistill.train.config import ConfigError  # noqa: E402
@@ -138,14 +137,7 @@ def test_pipeline_on_tiny_models(tmp_path):
     import yaml
 
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    proc = subprocess.run(
-        [sys.executable, "-m", "fastdistill.weak_label", "--config", str(path)],
-        cwd=REPO,
-        env=run_env(),
-        capture_output=True,
-        text=True,
-        timeout=420,
-    )
+    proc = run([sys.executable, "-m", "fastdistill.weak_label", "--config", str(path)])
     check(proc)
     out = tmp_path / "out"
     res = json.load(open(out / "results.json"))
@@ -168,14 +160,7 @@ def test_pipeline_on_tiny_models(tmp_path):
     rows = {r["system"]: r["file"]["r"] for r in res["table"]}
     assert rows["teacher prob_mean N=1"] == pytest.approx(rows["teacher score_mean N=1"], abs=1e-12)
     # a re-run resumes: no teacher work left, same table
-    proc2 = subprocess.run(
-        [sys.executable, "-m", "fastdistill.weak_label", "--config", str(path)],
-        cwd=REPO,
-        env=run_env(),
-        capture_output=True,
-        text=True,
-        timeout=420,
-    )
+    proc2 = run([sys.executable, "-m", "fastdistill.weak_label", "--config", str(path)])
     check(proc2)
     res2 = json.load(open(out / "results.json"))
     assert [r for r in res2["table"] if r["system"].startswith("teacher")] == [

@@ -69,8 +69,36 @@ def check_run(cfg: dict, vocab_size: int, manifest: dict | None = None) -> None:
         )
 
 
+def check_run_per_node(cfg: dict, vocab_size: int) -> None:
+    """:func:`check_run` for a launched run: one process per machine (local rank 0) hashes the teacher's and the
+    tokenizer's files and compares them with the manifest, then every rank learns the verdict (one ``all_gather``).
+
+    Per machine rather than once for the launch: each node reads its own copy of the files (nodes need not share a
+    filesystem), so a node whose copy differs is caught and named; the cost is one read of the weights per node
+    instead of one per rank (G ranks of a node each reading and hashing the whole teacher at start)."""
+    import socket
+
+    import torch.distributed as dist
+
+    verdict = None
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        try:
+            check_run(cfg, vocab_size)
+        except (store.CacheError, ValueError) as e:
+            verdict = (type(e).__name__, str(e))
+    verdicts = [None] * dist.get_world_size()
+    dist.all_gather_object(verdicts, (verdict, socket.gethostname()))
+    for v, host in verdicts:
+        if v is not None:
+            kind, msg = v
+            if dist.get_world_size() > 1 and len({h for _, h in verdicts}) > 1:
+                msg = f"{msg} (on node {host})"
+            raise (ValueError if kind == "ValueError" else store.CacheError)(msg)
+
+
 class CachedTeacher:
-    """``batch(micro_step) -> (input_ids, labels, TopKTargets)`` in the sampler's order, prefetched by a thread.
+    """``batch(micro_step) -> (input_ids, labels, TopKTargets, None)`` in the sampler's order, prefetched by a
+    thread.
 
     Sequences missing from the cache raise a ``CacheError`` naming them, or with ``cache.missing: skip`` their rows
     get ``ignore_index`` labels (left out of every loss term) and are counted in ``missing``."""
@@ -125,8 +153,7 @@ class CachedTeacher:
         if len(have) < len(keys):
             labels = labels.clone()
             labels[[j for j in range(len(keys)) if j not in have]] = IGNORE_INDEX
-        values, indices = out.at_temperature(self.temperature)
-        return labels, (values, indices), missing
+        return labels, out, missing
 
     def _produce(self, start: int, end: int) -> None:
         try:
@@ -145,8 +172,8 @@ class CachedTeacher:
             self._queue.put((None, e, None, None, None))
 
     def batch(self, micro_step: int):
-        """(input_ids, labels, (values, indices), None) of ``micro_step``: the ``teacher_topk`` pair at the KD
-        temperature (the place of the online source's hidden states; no intermediate states)."""
+        """(input_ids, labels, TopKTargets, None) of ``micro_step``: the decoded record (in the place of the online
+        source's hidden states; no intermediate states). The loss takes it at its KD temperature."""
         if micro_step != self._next:
             raise RuntimeError(f"CachedTeacher: asked for micro step {micro_step}, expected {self._next}")
         try:
@@ -160,9 +187,10 @@ class CachedTeacher:
         self._next += 1
         self.missing += missing
         if self._dump is not None:
+            values, indices = topk.at_temperature(self.temperature)
             for j, row in enumerate(input_ids):
                 if (labels[j] != IGNORE_INDEX).any():
-                    self._dump[store.sequence_key(row.numpy()).hex()] = (topk[0][j].clone(), topk[1][j].clone())
+                    self._dump[store.sequence_key(row.numpy()).hex()] = (values[j].clone(), indices[j].clone())
         return input_ids, labels, topk, None
 
     def close(self) -> None:

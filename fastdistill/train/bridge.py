@@ -122,6 +122,35 @@ class Bridge:
         return pickle.loads(data.numpy().tobytes())
 
 
+def _host_id() -> str:
+    """This machine: hostname plus the kernel's boot id (two containers may share a hostname, not a kernel)."""
+    import socket
+
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+def pid_dead(pid: int) -> bool:
+    """Whether process ``pid`` of this machine has ended (gone, or a zombie its launcher has not reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except OSError:  # no /proc (not Linux): signal 0 tells whether the pid exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        return False
+
+
 class Watchdog:
     """Liveness across pools, independent of any collective. Each rank refreshes ``hb/<rank>`` in the store every
     second from a daemon thread (its own store client) and checks the others: a rank silent for ``dead_after_s``
@@ -129,41 +158,85 @@ class Watchdog:
     of the launch stops within about ``dead_after_s`` instead of hanging in a collective. A rank that finishes marks
     itself ``done``; rank 0 hosts the store and so waits for everyone's ``done`` before it exits.
 
+    Who stopped *first* (:meth:`first_stopped`, in every line a stopping rank prints): a rank that stops in an orderly
+    way (the launcher's SIGTERM, a failed collective, a lost peer) first marks ``hb/<rank>`` as ``stopping`` and
+    lingers a beat so its peers see the mark; a killed rank cannot. Ranks on the same machine (the same kernel) also
+    watch each other's process ids every beat and note when each was first seen dead. So the rank named is the one
+    that died without marking itself, found positively by its pid on this machine, in the order they were seen to die,
+    and by a stale heartbeat on other machines. On one node this no longer depends on the launcher's sweep (which
+    SIGTERMs the survivors one after another, store host first, within about a second of the death) being slower than
+    the heartbeat staleness.
+
     When the launcher SIGTERMs the survivors (one of its ranks exited abnormally), the main thread may be blocked in
     a C++ wait where no Python signal handler runs; the signal's wakeup fd wakes a thread here instead, which names
-    the rank that stopped first and exits."""
+    the rank that stopped first and exits.
+
+    A rank of this machine whose process is alive is never called dead for a late heartbeat (on a loaded machine a
+    heartbeat thread can starve for longer than ``dead_after_s``); its pid says whether it is."""
 
     def __init__(self, host: str, port: int, rank: int, size: int, dead_after_s: float, describe):
         self.rank, self.size, self.dead_after_s, self.describe = rank, size, dead_after_s, describe
         self._store = torch.distributed.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=30))
         self._stop = threading.Event()
         self._last_ages: dict[int, float] = {}
+        self._orderly: set[int] = set()  # ranks seen marked 'stopping' or 'done': not the first to stop
+        self._local: dict[int, int] | None = None  # rank -> pid of the ranks on this machine (once all registered)
+        self._seen_dead: dict[int, float] = {}  # local rank -> when its pid was first seen dead
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._host = _host_id()
+        self._store.set(f"pid/{rank}", f"{self._host}|{os.getpid()}")
         self._beat()
         threading.Thread(target=self._run, name="fastdistill-watchdog", daemon=True).start()
         self._watch_sigterm()
 
     def _beat(self) -> None:
-        self._store.set(f"hb/{self.rank}", str(time.time()))
+        if not self._stopping:  # a stopping rank keeps its mark
+            self._store.set(f"hb/{self.rank}", str(time.time()))
 
     def ages(self) -> dict[int, float]:
-        """Seconds since each other rank's last heartbeat (ranks not started yet or done are left out)."""
+        """Seconds since each other rank's last heartbeat (ranks not started yet, done or stopping are left out)."""
         now, out = time.time(), {}
         for r in range(self.size):
             if r == self.rank or not self._store.check([f"hb/{r}"]):
                 continue
             v = self._store.get(f"hb/{r}").decode()
-            if v != "done":
+            if v in ("done", "stopping"):
+                self._orderly.add(r)
+            else:
                 out[r] = now - float(v)
         self._last_ages = out
         return out
+
+    def _watch_local(self) -> None:
+        """Note the ranks of this machine whose process has ended (first time seen)."""
+        if self._local is None:
+            try:
+                if not self._store.check([f"pid/{r}" for r in range(self.size)]):
+                    return
+                entries = {r: self._store.get(f"pid/{r}").decode().rsplit("|", 1) for r in range(self.size)}
+            except Exception:
+                return
+            self._local = {r: int(pid) for r, (host, pid) in entries.items() if host == self._host and r != self.rank}
+        now = time.time()
+        with self._lock:
+            for r, pid in self._local.items():
+                if r not in self._seen_dead and pid_dead(pid):
+                    self._seen_dead[r] = now
+
+    def _alive_here(self, r: int) -> bool:
+        """Rank ``r`` runs on this machine and its process is alive: slow (a starved heartbeat thread on a loaded
+        machine, a long import holding the GIL), not dead; its collectives' own timeouts bound a real hang."""
+        return self._local is not None and r in self._local and not pid_dead(self._local[r])
 
     def stale(self, after: float | None = None) -> list[int]:
         try:
             ages = self.ages()
         except Exception:  # the store died with rank 0: blame a rank already late at the last look, else rank 0
-            late = [r for r, a in self._last_ages.items() if a > 1.5 * HEARTBEAT_S]
-            return late or [0]
-        return sorted(r for r, a in ages.items() if a > (self.dead_after_s if after is None else after))
+            late = [r for r, a in self._last_ages.items() if a > 1.5 * HEARTBEAT_S and r not in self._orderly]
+            return [r for r in late if not self._alive_here(r)] or [0]
+        limit = self.dead_after_s if after is None else after
+        return sorted(r for r, a in ages.items() if a > limit and not self._alive_here(r))
 
     def _die(self, msg: str) -> None:
         import sys
@@ -173,12 +246,15 @@ class Watchdog:
 
     def _run(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
+            self._watch_local()
             try:
                 self._beat()
+                self.ages()  # the store answers (it lives in global rank 0's process)
             except Exception:
                 if not self._stop.is_set():
                     self._die(
-                        f"pools: {self.describe(self.rank)}: lost the store hosted by {self.describe(0)}; stopping"
+                        f"pools: {self.describe(self.rank)}: lost the store hosted by {self.describe(0)}; stopping; "
+                        f"stopped first: {self.first_stopped()}"
                     )
                 return
             dead = self.stale()
@@ -208,15 +284,36 @@ class Watchdog:
 
         threading.Thread(target=wait_for_term, name="fastdistill-sigterm", daemon=True).start()
 
+    def _killed_locally(self) -> list[int]:
+        """Ranks of this machine that ended without marking themselves, in the order they were seen to end."""
+        self._watch_local()
+        with self._lock:
+            dead = sorted(self._seen_dead.items(), key=lambda x: (x[1], x[0]))
+        return [r for r, _ in dead if r not in self._orderly]
+
     def first_stopped(self) -> str:
-        """Who stopped: the ranks whose heartbeat is missing, given a few beats to show (a crash elsewhere is
-        usually what made this rank's collective or the launcher fail)."""
-        dead: list[int] = []
+        """Who stopped first, for the line this rank prints as it stops: the ranks of this machine whose process
+        ended without marking itself (positive, at once), else the ranks whose heartbeat is missing, given a few beats
+        to show (a crash elsewhere is usually what made this rank's collective or the launcher fail). Marks this rank
+        ``stopping`` first, and lingers a beat so that its peers see the mark before its process ends."""
+        self._stopping = True
+        try:
+            self._store.set(f"hb/{self.rank}", "stopping")
+            linger_until = time.time() + 1.5 * HEARTBEAT_S
+        except Exception:  # the store is gone: nobody left to tell
+            linger_until = 0.0
+        try:
+            self.ages()  # fresh marks of the others
+        except Exception:
+            pass
+        dead = self._killed_locally()
         for _ in range(8):
-            dead = self.stale(after=2.5 * HEARTBEAT_S)
             if dead:
                 break
-            time.sleep(HEARTBEAT_S / 2)
+            dead = [r for r in self.stale(after=2.5 * HEARTBEAT_S) if r not in self._orderly] or self._killed_locally()
+            if not dead:
+                time.sleep(HEARTBEAT_S / 2)
+        time.sleep(max(0.0, linger_until - time.time()))
         return ", ".join(self.describe(r) for r in dead) or "no other rank (all heartbeats present)"
 
     def _on_term(self) -> None:
@@ -250,7 +347,8 @@ class Watchdog:
             self._store.set(f"hb/{self.rank}", "done")
             deadline = time.time() + wait_for_all_s
             while self.rank == 0 and time.time() < deadline:
-                if all(self._store.get(f"hb/{r}").decode() == "done" for r in range(self.size) if r != self.rank):
+                marks = [self._store.get(f"hb/{r}").decode() for r in range(self.size) if r != self.rank]
+                if all(m in ("done", "stopping") for m in marks):  # a stopping rank is not coming to 'done'
                     break
                 time.sleep(0.2)
         except Exception:

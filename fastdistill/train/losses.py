@@ -17,6 +17,7 @@ from torch import nn
 import fastdistill.functional as FD
 from fastdistill import reference
 from fastdistill.train.data import IGNORE_INDEX
+from fastdistill.train.targets import TopKTargets, topk_from_hidden
 
 EVAL_CHUNK = 1024  # rows per matmul when computing the evaluation NLL (bounds the [rows x vocab] temporary)
 
@@ -27,7 +28,11 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 class DistillLoss(nn.Module):
     """``forward(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_states,
-    teacher_states) -> (loss, parts)``; ``parts`` are detached scalars for logging (unweighted terms)."""
+    teacher_states) -> (loss, parts)``; ``parts`` are detached scalars for logging (unweighted terms).
+
+    ``teacher_hidden`` is the teacher's final hidden states (dense KD through ``teacher_weight``) or a
+    :class:`~fastdistill.train.targets.TopKTargets` record (a teacher cache or a teacher pool; ``teacher_weight``
+    None): the one input type of the top-k path."""
 
     def __init__(
         self,
@@ -110,18 +115,15 @@ class DistillLoss(nn.Module):
     ):
         hs, labels_flat = _flat(student_hidden), labels.reshape(-1)
         topk = None
-        if isinstance(teacher_hidden, dict):  # a top-k teacher record streamed by a teacher pool
-            teacher_hidden = (teacher_hidden["values"], teacher_hidden["indices"])
-        if isinstance(teacher_hidden, tuple):  # (values, indices): top-k targets (teacher cache or teacher pool)
-            ht = None
-            topk = (_flat(teacher_hidden[0]), _flat(teacher_hidden[1]))
+        if isinstance(teacher_hidden, TopKTargets):  # top-k targets: from a teacher cache or a teacher pool
+            ht, record = None, teacher_hidden
         else:
-            ht = _flat(teacher_hidden)
+            ht, record = _flat(teacher_hidden), None
             if self.kd.get("topk") and self.soft_weight:  # colocated top-k: the same record, computed here
-                from fastdistill.train.pools import teacher_topk
-
-                rec = teacher_topk(ht, teacher_weight, self.kd["topk"], self.kd["temperature"])
-                topk = (rec["values"], rec["indices"])
+                record = topk_from_hidden(ht, teacher_weight, self.kd["topk"], (float(self.kd["temperature"]),))
+        if record is not None:
+            values, indices = record.at_temperature(float(self.kd["temperature"]))
+            topk = (_flat(values), _flat(indices))
         if self.impl == "fused":
             loss, parts = self._lm_head_fused(hs, student_weight, ht, teacher_weight, labels_flat, topk)
         else:

@@ -11,8 +11,9 @@ the rows that rank trains on (token ids, labels and the payload). Payloads, per 
 
 - ``hidden``: the teacher's final hidden states; the pool holds a frozen copy of the teacher's lm_head (sent once
   at start) and gets exact dense KD through ``fused_linear_distill_loss``;
-- ``topk``: the teacher target record (``values`` = top-k log-probs at the distillation temperature, ``indices``,
-  ``log_normalizer`` = logsumexp of the tempered logits) through the fused top-k loss.
+- ``topk``: the teacher target record of the teacher cache, ``fastdistill.train.targets.TopKTargets`` (top-k
+  indices and log-probs at the distillation temperature, the log-sum-exp and the exact log tail mass), sent in its
+  uncoded wire form and trained through the fused top-k loss exactly as a cached record is.
 
 A student pool's run is ``recipe.run`` itself with a :class:`PoolPlan` as its teacher source; the teacher pool runs
 :func:`serve_teacher`, the same teacher engine writing records to the bridge instead of to the loss.
@@ -35,6 +36,7 @@ import time
 import torch
 
 from fastdistill.train import bridge as bridge_lib
+from fastdistill.train import targets as tg
 from fastdistill.train.config import ConfigError
 
 COMMIT = "pools_commit.json"
@@ -127,8 +129,10 @@ def validate_pools(cfg: dict, validate) -> dict:
         for loss in resolved["losses"]:
             if loss["type"] in ("hint", "attention", "affinity"):
                 raise ConfigError(
-                    f"{key}.losses: a {loss['type']!r} loss needs intermediate teacher states, which a pool payload "
-                    f"does not carry; expected only 'logit_kd' / 'hard_ce' in a student pool"
+                    f"{key}.losses: a {loss['type']!r} loss needs the teacher's intermediate hidden states or "
+                    "attention q / k, which a pool payload does not carry (only final hidden states or top-k "
+                    "records); expected only 'logit_kd' / 'hard_ce' in a student pool (train this student colocated, "
+                    "without 'pools')"
                 )
             if loss["type"] == "logit_kd" and payload == "topk" and not loss.get("topk"):
                 raise ConfigError(
@@ -289,19 +293,15 @@ class PoolPlan:
         ]
         if payload == "hidden":
             fields.append(("hidden", meta["dtype"], (rows, seq, meta["hidden_size"])))
-        else:
-            k = meta["topk"][pool]
-            fields += [
-                ("values", torch.float32, (rows, seq, k)),
-                ("indices", torch.int32, (rows, seq, k)),
-                ("log_normalizer", torch.float32, (rows, seq)),
-            ]
+        else:  # the teacher cache's record, uncoded
+            fields += tg.TopKTargets.wire_layout(rows, seq, meta["topk"][pool], len(meta["temperatures"][pool]))
         return bridge_lib.Layout(fields)
 
     # -- student side ----------------------------------------------------------------------------------------------
     def handshake(self) -> dict:
         """Sizes from the teacher pool (and its lm_head for a ``hidden`` pool): ``{"hidden_size", "vocab_size",
-        "dtype", "topk", "lm_head"}``."""
+        "dtype", "topk", "temperatures", "lm_head"}`` (``topk`` / ``temperatures``: each pool's record's k and
+        temperatures)."""
         meta = self.bridge.recv_object(0, "the teacher pool's handshake")
         from deepspeed.accelerator import get_accelerator
 
@@ -344,7 +344,7 @@ class PoolPlan:
 
     def receive(self, m: int):
         """(input_ids, labels, teacher target) of micro step ``m``: the hidden states tensor, or the top-k record
-        ``{"values", "indices", "log_normalizer"}``. Waits (bounded by ``pools.timeout_s``) only when the teacher
+        (``TopKTargets``). Waits (bounded by ``pools.timeout_s``) only when the teacher
         has not delivered yet; the wait and the number of records already waiting (the teacher's lead) are kept."""
         slot_m, bufs, works = self.slots.popleft()
         assert slot_m == m, (slot_m, m)
@@ -370,11 +370,7 @@ class PoolPlan:
         if self.payload == "hidden":
             target = cat["hidden"]
         else:
-            target = {
-                "values": cat["values"],
-                "indices": cat["indices"].long(),
-                "log_normalizer": cat["log_normalizer"],
-            }
+            target = tg.TopKTargets.from_wire(cat, self.meta["temperatures"][self.pool])
         return cat["input_ids"], cat["labels"], target
 
     def batch(self, m: int):
@@ -431,27 +427,6 @@ class PoolPlan:
 # ---------------------------------------------------------------------------------------------------------------
 # the teacher pool
 # ---------------------------------------------------------------------------------------------------------------
-def teacher_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, temperature: float, chunk: int = 1024) -> dict:
-    """The top-k teacher record of ``hidden`` [..., H] (lm_head ``weight`` [V, H]) at ``temperature``: ``values``
-    [..., k] = log-softmax(z / T) of the k largest logits, ``indices`` [..., k], ``log_normalizer`` [...] =
-    logsumexp(z / T) (so ``values + log_normalizer`` are the tempered logits). Chunked over rows: no [N, V] tensor."""
-    h = hidden.reshape(-1, hidden.shape[-1])
-    vals, idx, lse = [], [], []
-    for i in range(0, h.shape[0], chunk):
-        z = (h[i : i + chunk] @ weight.t()).float() / temperature
-        ln = torch.logsumexp(z, dim=-1)
-        v, j = z.topk(k, dim=-1)
-        vals.append(v - ln[:, None])
-        idx.append(j)
-        lse.append(ln)
-    shape = hidden.shape[:-1]
-    return {
-        "values": torch.cat(vals).view(*shape, k),
-        "indices": torch.cat(idx).view(*shape, k),
-        "log_normalizer": torch.cat(lse).view(shape),
-    }
-
-
 def serve_teacher(cfg: dict, plan: PoolPlan) -> dict:
     """The teacher pool's loop: one forward per micro step, records to every student rank, commits."""
     import torch.distributed as dist
@@ -483,11 +458,12 @@ def serve_teacher(cfg: dict, plan: PoolPlan) -> dict:
     for name, s in plan.students.items():
         kd = next((x for x in s["config"]["losses"] if x["type"] == "logit_kd"), None)
         topk[name] = (kd or {}).get("topk") or 1  # a hard_ce-only topk pool still gets a (tiny) record
-        temps[name] = kd["temperature"] if kd else 1.0
+        temps[name] = (float(kd["temperature"]) if kd else 1.0,)
     meta = {
         "hidden_size": teacher_model.config.hidden_size,
         "dtype": models.torch_dtype(cfg["teacher"]["dtype"]),
         "topk": topk,
+        "temperatures": temps,
         "vocab_size": teacher_model.config.vocab_size,
     }
     need_head = any(s["payload"] == "hidden" for s in plan.students.values())
@@ -528,7 +504,7 @@ def serve_teacher(cfg: dict, plan: PoolPlan) -> dict:
             f"serving {len(plan.students)} student pools from step {start}",
             flush=True,
         )
-    t_loop = time.time()
+    t_loop, cpu_loop = time.time(), time.process_time()
     for m in range(start * ga, max_steps * ga):
         input_ids, labels = sampler.batch(m)
         t0 = time.perf_counter()
@@ -538,7 +514,7 @@ def serve_teacher(cfg: dict, plan: PoolPlan) -> dict:
             if need_topk_all:
                 with models.gathered([weight]):
                     for k, temp in need_topk_all:
-                        records[(k, temp)] = teacher_topk(hidden, weight, k, temp)
+                        records[(k, temp)] = tg.topk_from_hidden(hidden, weight, k, temp)
         forwards += 1
         t1 = time.perf_counter()
         step_tensor = torch.tensor([m], dtype=torch.int64)
@@ -547,12 +523,7 @@ def serve_teacher(cfg: dict, plan: PoolPlan) -> dict:
             if payload == "hidden":
                 fields["hidden"] = hidden[lo:hi]
             else:
-                rec = records[(topk[name], temps[name])]
-                fields.update(
-                    values=rec["values"][lo:hi],
-                    indices=rec["indices"][lo:hi].int(),
-                    log_normalizer=rec["log_normalizer"][lo:hi],
-                )
+                fields.update(records[(topk[name], temps[name])].select(slice(lo, hi)).wire())
             q = in_flight[g]
             if len(q) >= plan.ring:  # backpressure: at most `ring` records in flight per destination
                 plan.bridge.wait(q.popleft(), g, f"room in the ring (micro step {m})")
@@ -572,7 +543,7 @@ def serve_teacher(cfg: dict, plan: PoolPlan) -> dict:
             plan.bridge.wait(q.popleft(), g, "the last records")
     while rank == 0 and pending:
         commit(plan, pending.pop(0), reports)
-    loop_s = time.time() - t_loop
+    loop_s, loop_cpu_s = time.time() - t_loop, time.process_time() - cpu_loop
     summary = {
         "pool": "teacher",
         "world_size": world,
@@ -582,13 +553,15 @@ def serve_teacher(cfg: dict, plan: PoolPlan) -> dict:
         "forward_seconds": t_fwd,
         "send_seconds": t_send,
         "loop_seconds": loop_s,
+        "loop_cpu_seconds": loop_cpu_s,  # this rank's CPU time in the loop (the teacher's cost, whatever the load)
         "busy_fraction": t_fwd / max(loop_s, 1e-9),
         "bytes_sent": bytes_sent,
         "teacher_param_bytes_per_rank": all_mem,
         "wall_seconds": time.time() - t_start,
     }
     per_rank = [None] * world
-    dist.all_gather_object(per_rank, {k: summary[k] for k in ("teacher_forwards", "bytes_sent", "forward_seconds")})
+    keys = ("teacher_forwards", "bytes_sent", "forward_seconds", "loop_seconds", "loop_cpu_seconds")
+    dist.all_gather_object(per_rank, {k: summary[k] for k in keys})
     if rank == 0:
         summary["per_rank"] = per_rank
         with open(os.path.join(out_dir, "summary.json"), "w") as f:

@@ -438,7 +438,9 @@ def run(cfg: dict) -> dict:
     student = build_student(cfg, teacher_model, make_loss)
     if cached:
         del teacher_model  # the student holds its copy; nothing of the teacher stays in memory
-        cache_source.check_run(cfg, student.module.lm_head_weight().shape[0])
+        head = student.module.lm_head_weight()
+        vocab = getattr(head, "ds_shape", head.shape)[0]  # a ZeRO-3 partitioned weight's own shape is [0]
+        cache_source.check_run_per_node(cfg, vocab)  # one hash of the teacher files per machine
     else:
         student.module.set_teacher_head(teacher_weight)
     loss_fn: DistillLoss = student.module.loss_fn
@@ -517,13 +519,14 @@ def run(cfg: dict) -> dict:
     wait_total = 0.0
     t_train = time.time()
     while step < sched["max_steps"]:
-        t_step = time.time()
-        t_teacher = t_student = 0.0
+        t_step, cpu_step = time.time(), time.process_time()
+        t_teacher = t_student = cpu_teacher = 0.0
         sums: dict[str, float] = {}
         for a in range(ga):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             input_ids, labels, t_hidden, t_states = source.batch(step * ga + a)
             t1 = time.perf_counter()
+            cpu_teacher += time.process_time() - c0
             loss, parts = student(input_ids, labels, t_hidden, t_states)
             del t_hidden, t_states  # the teacher's activations are not needed for backward
             student.backward(loss)
@@ -549,6 +552,8 @@ def run(cfg: dict) -> dict:
                 "perf/tokens_per_s": tokens_per_step / elapsed,
                 "perf/teacher_s": t_teacher,
                 "perf/student_s": t_student,
+                "perf/cpu_s": time.process_time() - cpu_step,  # this rank's CPU seconds (all threads): load-proof
+                "perf/teacher_cpu_s": cpu_teacher,
             }
         )
         if stage is not None:  # generation ran inside the teacher source's batch(): not the teacher's time

@@ -9,8 +9,9 @@ distillation temperature, plus two exact per-position scalars per configured tem
   teacher in log space (a log-sum-exp over the other V - k tokens), not as ``1 - sum(top-k)``, which is rounding
   noise once the top k hold more than 0.9999 of the mass.
 
-It is the one format of teacher targets: the cache on disk (``fastdistill.cache``) stores it, a remote teacher pool
-can send it, and the trainer feeds it to ``fused_linear_distill_loss(..., teacher_topk=...)``.
+It is the one format of teacher targets: the cache on disk (``fastdistill.cache``) stores it coded (below), a teacher
+pool sends it uncoded over the bridge (:meth:`TopKTargets.wire`), and the trainer's loss takes it from either source
+(``DistillLoss`` turns it into ``fused_linear_distill_loss(..., teacher_topk=...)`` with :meth:`at_temperature`).
 
 The compact coding (``encode`` / ``decode``), chosen for size under zstd and for an error that the loss does not see:
 
@@ -79,6 +80,47 @@ class TopKTargets:
             self.indices[rows], self.logprobs[rows], self.lse[rows], self.log_tail[rows], self.temperatures
         )
 
+    def to(self, device, non_blocking: bool = False) -> TopKTargets:
+        """The record on ``device`` (indices as int64, the loss's index type)."""
+        return TopKTargets(
+            self.indices.to(device, torch.long, non_blocking=non_blocking),
+            *(getattr(self, n).to(device, non_blocking=non_blocking) for n in ("logprobs", "lse", "log_tail")),
+            self.temperatures,
+        )
+
+    # -- the wire form: the same record, uncoded, as fixed-shape tensors (one message of a teacher pool) --------------
+    @staticmethod
+    def wire_layout(rows: int, seq_len: int, k: int, n_temps: int) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """``(name, dtype, shape)`` of the record's fields for ``rows`` sequences: what a teacher pool sends a student
+        rank (``fastdistill.train.bridge.Layout``). Uncoded: the coding is lossy and costs the sender CPU time, and
+        a bridge message lives only until the student consumes it. 8 k + 8 n_temps bytes per token."""
+        return [
+            ("topk_indices", torch.int32, (rows, seq_len, k)),  # token ids < 2^31
+            ("topk_logprobs", torch.float32, (rows, seq_len, k)),
+            ("topk_lse", torch.float32, (rows, seq_len, n_temps)),
+            ("topk_log_tail", torch.float32, (rows, seq_len, n_temps)),
+        ]
+
+    def wire(self) -> dict[str, torch.Tensor]:
+        """The fields of :meth:`wire_layout` (views; ``Layout.pack`` copies them into the message)."""
+        return {
+            "topk_indices": self.indices.to(torch.int32),
+            "topk_logprobs": self.logprobs.float(),
+            "topk_lse": self.lse.float(),
+            "topk_log_tail": self.log_tail.float(),
+        }
+
+    @classmethod
+    def from_wire(cls, fields: dict[str, torch.Tensor], temperatures: tuple[float, ...]) -> TopKTargets:
+        """Inverse of :meth:`wire` (exact)."""
+        return cls(
+            fields["topk_indices"].long(),
+            fields["topk_logprobs"],
+            fields["topk_lse"],
+            fields["topk_log_tail"],
+            tuple(float(t) for t in temperatures),
+        )
+
 
 def _temperature_index(temperatures, temperature: float) -> int:
     for i, t in enumerate(temperatures):
@@ -107,18 +149,21 @@ def topk_from_hidden(
     backend: str | None = None,
 ) -> TopKTargets:
     """The teacher's ``TopKTargets`` from its final hidden states [B, T, H] and lm_head weight [V, H], a chunk of
-    rows at a time (no [B*T, V] tensor). Everything is computed in float32. ``backend``: ``"cpp"`` (the C++ row
-    kernel ``fastdistill::topk_targets_rows``, CPU), ``"torch"``, or None / ``"auto"`` (``FASTDISTILL_BACKEND``,
-    else the C++ kernel where it is built and the tensors are on a CPU)."""
+    rows at a time (no [B*T, V] tensor), on ``hidden``'s device. Everything is computed in float32. ``backend``:
+    ``"cpp"`` (the C++ row kernel ``fastdistill::topk_targets_rows``, CPU), ``"torch"``, or None / ``"auto"``
+    (``FASTDISTILL_BACKEND``, else the C++ kernel where it is built and the tensors are on a CPU).
+
+    The one producer of top-k targets: ``teacher-cache build`` (then coded to disk), a teacher pool (sent over the
+    bridge) and the colocated top-k loss (``losses[].topk``) all call it."""
     if not 1 <= k <= weight.shape[0]:
         raise ValueError(f"k={k}: expected 1 <= k <= V={weight.shape[0]}")
     lead = hidden.shape[:-1]
     h = hidden.reshape(-1, hidden.shape[-1])
     n, nt = h.shape[0], len(temperatures)
-    indices = torch.empty(n, k, dtype=torch.long)
-    logprobs = torch.empty(n, k, dtype=torch.float32)
-    lse = torch.empty(n, nt, dtype=torch.float32)
-    log_tail = torch.empty(n, nt, dtype=torch.float32)
+    indices = torch.empty(n, k, dtype=torch.long, device=h.device)
+    logprobs = torch.empty(n, k, dtype=torch.float32, device=h.device)
+    lse = torch.empty(n, nt, dtype=torch.float32, device=h.device)
+    log_tail = torch.empty(n, nt, dtype=torch.float32, device=h.device)
     w = weight.float() if weight.dtype != torch.float32 else weight
     # the C++ row kernel on a CPU (one selection pass + one exp pass per temperature: ~3x faster than torch's topk,
     # exp and two sums); the torch ops below elsewhere (GPUs, no compiled extension, or backend="torch")
@@ -150,15 +195,17 @@ def topk_from_hidden(
             if t != 1.0:
                 e.div_(t)
             e.exp_()  # [C, V], max entry 1
-            log_total = torch.log(e.sum(dim=-1))
-            # the tail: a sum over the other V - k tokens themselves (not 1 - sum(top k), which cancels)
-            log_rest = torch.log(e.scatter_(1, idx, 0.0).sum(dim=-1))
+            # the tail: a sum over the other V - k tokens themselves (not 1 - sum(top k), which cancels); the total
+            # is tail + top k, two sums of positive terms (one pass over [C, V] fewer than summing e twice)
+            rest = e.scatter_(1, idx, 0.0).sum(dim=-1)
+            top = ((top_z - z_max) / t).exp().sum(dim=-1)
+            log_total, log_rest = torch.log(rest + top), torch.log(rest)
             lse_t = z_max[:, 0] / t + log_total
             lse[a : a + c, i] = lse_t
             log_tail[a : a + c, i] = log_rest - log_total
             if i == 0:
                 logprobs[a : a + c] = top_z / t - lse_t[:, None]
-        indices[a : a + c] = idx.cpu()
+        indices[a : a + c] = idx
     return TopKTargets(
         indices.view(*lead, k),
         logprobs.view(*lead, k),
@@ -176,6 +223,7 @@ def encode(targets: TopKTargets, vocab_size: int, logprob_step: float = DEFAULT_
     """The compact coding of one record, per sequence: ``index_deltas`` [B, T*k*w] uint8 (the byte planes of the
     uint16 / uint32 deltas, w = 2 / 4), ``logprob_steps``
     [B, T*k] uint8, ``lse`` and ``log_tail`` [B, T*n_temps] float32."""
+    targets = targets.to("cpu")
     idx = targets.indices.numpy()
     b = idx.shape[0]
     if idx.min(initial=0) < 0 or idx.max(initial=0) >= vocab_size:
