@@ -299,6 +299,7 @@ def test_launch_config_for_the_gpu():
     for name in ("forward_kl", "reverse_kl"):
         assert launch_config(128256, gpu, divergence=DIVERGENCE_ID[name]) == (4096, 8), name
     assert launch_config(128256, gpu, divergence=DIVERGENCE_ID["jsd"]) == (4096, 16)
+    assert launch_config(128256, gpu, divergence=DIVERGENCE_ID["jsd"], has_tail=True) == (4096, 8)  # Vt < Vs
     assert launch_config(401, gpu) == (512, 4)
     assert launch_config(70001, torch.device("cpu")) == (1024, 4)
     assert launch_config(401, torch.device("cpu"), block_v=64) == (64, 4)

@@ -19,16 +19,19 @@ _GPU_MAX_BLOCK_V = 4096
 
 
 def launch_config(
-    V: int, device: torch.device, block_v: int | None = None, divergence: int | None = None
+    V: int, device: torch.device, block_v: int | None = None, divergence: int | None = None, has_tail: bool = False
 ) -> tuple[int, int]:
     """(BLOCK_V, num_warps) for a row of ``V`` logits on ``device``; ``block_v`` overrides the tile width.
     ``divergence`` (a canonical id; None for other row kernels) picks the warps of the 4096-wide tiles: 16, but 8 for
     the two-pass kernels (forward / reverse KL), where ptxas spilled 24 B at 16 warps (forward KL, bf16 / fp16, sm_80:
     it settles on 40 registers), while the three-pass kernels spill 8 B at 8 warps (JSD + CE on sm_80, skew reverse
-    KL on sm_90). ``benchmarks/triton_aot.py`` compiles these launches and fails on any spill."""
+    KL on sm_90). ``has_tail`` (a teacher narrower than the student, Vc < V) takes 8 warps too: JSD + CE with the
+    student-only tail put 16 B on the stack at 16 warps on sm_90 and none at 8 on sm_80 or sm_90.
+    ``benchmarks/triton_aot.py`` compiles these launches and fails on any spill."""
     cap = _INTERPRET_MAX_BLOCK_V if device.type == "cpu" else _GPU_MAX_BLOCK_V
     block = block_v if block_v is not None else min(triton.next_power_of_2(V), cap)
-    num_warps = 16 if block >= 4096 and divergence not in TWO_PASS_IDS else 8 if block >= 2048 else 4
+    wide = block >= 4096 and divergence not in TWO_PASS_IDS and not has_tail
+    num_warps = 16 if wide else 8 if block >= 2048 else 4
     return block, num_warps
 
 
@@ -97,7 +100,7 @@ def distill_loss_rows_triton(
     if labels is not None:
         labels = labels.contiguous()
     grad_scale = grad_scale.reshape(1).to(student.device)
-    block, num_warps = launch_config(V, student.device, block_v, divergence)
+    block, num_warps = launch_config(V, student.device, block_v, divergence, has_tail=Vc < V)
     log_beta = math.log(beta) if beta > 0.0 else float("-inf")
     log_1m_beta = math.log1p(-beta) if beta < 1.0 else float("-inf")
     # launch on the tensors' GPU, not on whichever device is current
