@@ -39,6 +39,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the launcher next to this interpreter (a venv that is not on PATH), else the one on PATH
+_VENV_DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+DEEPSPEED = _VENV_DEEPSPEED if os.path.exists(_VENV_DEEPSPEED) else "deepspeed"
 
 
 def llama(hidden: int, layers: int, inter: int, heads: int = 4, kv: int = 2) -> dict:
@@ -193,7 +196,7 @@ def pools_launch(cfg: dict, students: list[dict], payload: str, teacher_ranks: i
         yaml.safe_dump(c, f)
     n = teacher_ranks + len(students)
     run(
-        ["deepspeed", "--num_gpus", str(n), "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+        [DEEPSPEED, "--num_gpus", str(n), "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
         + ["--module", "fastdistill.train", "--config", path],
         timeout,
     )
