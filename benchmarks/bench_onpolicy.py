@@ -109,14 +109,7 @@ def trl_worker(args_json: str) -> None:
     p = a["preset"]
     if p.get("threads"):
         torch.set_num_threads(p["threads"])
-    import transformers
-    from datasets import Dataset
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
-
-    from fastdistill.train.models import load_tokenizer
-
     tok, train = prompts_and_sequences(p)
-    ds = Dataset.from_dict({"input_ids": train[: p["batch"] * (p["steps"] + 1)].tolist()})
 
     def collate(features):
         ids = torch.tensor([f["input_ids"] for f in features])
@@ -131,84 +124,11 @@ def trl_worker(args_json: str) -> None:
             "prompt_attention_mask": torch.ones_like(prompts),
         }
 
-    times: list[float] = []
-
-    class Timer(transformers.TrainerCallback):
-        def on_step_begin(self, *_, **__):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *_, **__):
-            times.append(time.perf_counter() - self.t0)
-
-    args = GKDConfig(
-        output_dir=a["out"],
-        per_device_train_batch_size=p["batch"],
-        max_steps=p["steps"],
-        learning_rate=1e-4,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_grad_norm=0.0,
-        logging_steps=10**6,
-        save_strategy="no",
-        report_to=[],
-        lmbda=1.0,
-        beta=BETA,
-        temperature=TEMPERATURE,
-        max_new_tokens=p["new"],
-        seq_kd=False,
-        max_length=p["seq_len"],
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        optim="adamw_torch",
-        remove_unused_columns=False,
-        disable_tqdm=True,
-    )
-    student = transformers.AutoModelForCausalLM.from_pretrained(a["student"])
-    teacher = transformers.AutoModelForCausalLM.from_pretrained(a["teacher"])
-    processing = tok if hasattr(tok, "save_pretrained") else load_tokenizer("smollm2-135m-instruct", None, None)
-    if processing.pad_token_id is None:
-        processing.pad_token = processing.eos_token
-    trainer = GKDTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=args,
-        train_dataset=ds,
-        data_collator=collate,
-        processing_class=processing,
-        callbacks=[Timer()],
-    )
-    trainer.train()
-    print(
-        "TRL_RESULT "
-        + json.dumps(
-            {
-                "step_seconds": times[1:],
-                "tokens_per_step": p["batch"] * p["seq_len"],
-                "peak_rss_mib_per_rank": [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024],
-            }
-        )
-    )
+    BT.gkd_train(a, tok, train, collate, lmbda=1.0, beta=BETA, temperature=TEMPERATURE, max_new_tokens=p["new"])
 
 
 def run_trl(p: dict, tdir: str, sdir: str, folder: str) -> dict | None:
-    try:
-        from trl.experimental.gkd import GKDTrainer  # noqa: F401
-    except ImportError as e:
-        print(f"trl-gkd: skipped ({e}); pip install trl")
-        return None
-    payload = json.dumps({"preset": p, "teacher": tdir, "student": sdir, "out": os.path.join(folder, "trl")})
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--trl-worker", payload],
-        cwd=REPO,
-        env=BT.env(),
-        capture_output=True,
-        text=True,
-    )
-    line = [x for x in proc.stdout.splitlines() if x.startswith("TRL_RESULT ")]
-    if proc.returncode != 0 or not line:
-        print(f"trl-gkd: failed:\n{proc.stderr[-3000:]}")
-        return None
-    return json.loads(line[0][len("TRL_RESULT ") :])
+    return BT.run_trl(p, tdir, sdir, folder, script=__file__)
 
 
 def gen_worker(args_json: str) -> None:

@@ -159,25 +159,34 @@ def run_fastdistill(cfg: dict, folder: str, overrides: list[str], world: int = 1
 def trl_worker(args_json: str) -> None:
     """Runs in its own process: GKDTrainer on the same models and batches; prints one JSON line."""
     a = json.loads(args_json)
-    if a["preset"].get("threads"):
-        torch.set_num_threads(a["preset"]["threads"])
-    import transformers
-    from datasets import Dataset
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
-
+    p = a["preset"]
+    if p.get("threads"):
+        torch.set_num_threads(p["threads"])
     from fastdistill.train import data as data_lib
     from fastdistill.train.models import load_tokenizer
 
-    p = a["preset"]
     tok = load_tokenizer(p["tokenizer"], None, None) if p["tokenizer"] != "bytes" else data_lib.ByteTokenizer()
     seqs = data_lib.pack(data_lib.load_text("pydoc_topics"), tok, p["seq_len"])
     train, _ = data_lib.split(seqs, 0.05, None, None)
-    ds = Dataset.from_dict({"input_ids": train[: p["batch"] * (p["steps"] + 1)].tolist()})
 
     def collate(features):
         ids = torch.tensor([f["input_ids"] for f in features])
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
+    gkd_train(a, tok, train, collate, lmbda=0.0, beta=0.0, temperature=1.0)
+
+
+def gkd_train(a: dict, tok, train: torch.Tensor, collate, **gkd) -> None:
+    """TRL's GKDTrainer on ``train`` (packed sequences) batched by ``collate``, ``gkd`` its GKDConfig settings (lmbda,
+    beta, temperature, ...); prints one ``TRL_RESULT`` JSON line (step seconds, tokens per step, peak RSS)."""
+    import transformers
+    from datasets import Dataset
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from fastdistill.train.models import load_tokenizer
+
+    p = a["preset"]
+    ds = Dataset.from_dict({"input_ids": train[: p["batch"] * (p["steps"] + 1)].tolist()})
     times: list[float] = []
 
     class Timer(transformers.TrainerCallback):
@@ -198,9 +207,6 @@ def trl_worker(args_json: str) -> None:
         logging_steps=10**6,
         save_strategy="no",
         report_to=[],
-        lmbda=0.0,
-        beta=0.0,
-        temperature=1.0,
         seq_kd=False,
         max_length=p["seq_len"],
         use_cpu=not torch.cuda.is_available(),
@@ -208,11 +214,14 @@ def trl_worker(args_json: str) -> None:
         optim="adamw_torch",
         remove_unused_columns=False,
         disable_tqdm=True,
+        **gkd,
     )
     student = transformers.AutoModelForCausalLM.from_pretrained(a["student"])
     teacher = transformers.AutoModelForCausalLM.from_pretrained(a["teacher"])
     # TRL wants a tokenizer object even though our collator does the batching: SmolLM2's (cached) when bytes are used
     processing = tok if hasattr(tok, "save_pretrained") else load_tokenizer("smollm2-135m-instruct", None, None)
+    if processing.pad_token_id is None:  # TRL pads generated completions (lmbda > 0)
+        processing.pad_token = processing.eos_token
     trainer = GKDTrainer(
         model=student,
         teacher_model=teacher,
@@ -235,16 +244,16 @@ def trl_worker(args_json: str) -> None:
     )
 
 
-def run_trl(p: dict, tdir: str, sdir: str, folder: str) -> dict | None:
+def run_trl(p: dict, tdir: str, sdir: str, folder: str, script: str = __file__) -> dict | None:
+    """Runs ``script --trl-worker`` (this file's worker, or another benchmark's) in its own process."""
     try:
-        import trl  # noqa: F401
         from trl.experimental.gkd import GKDTrainer  # noqa: F401
     except ImportError as e:
         print(f"trl-gkd: skipped ({e}); pip install trl")
         return None
     payload = json.dumps({"preset": p, "teacher": tdir, "student": sdir, "out": os.path.join(folder, "trl")})
     proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--trl-worker", payload],
+        [sys.executable, os.path.abspath(script), "--trl-worker", payload],
         cwd=REPO,
         env=env(),
         capture_output=True,
