@@ -395,14 +395,24 @@ void distill_row(const DistillRowsArgs& args, const scalar_t* s, const scalar_t*
   } else {
     const ThreePass<acc_t, kDiv> div(args.beta);
     // pass 2: loss and S = sum ps a
-    BlockedSum<acc_t> acc_loss, acc_pa;
+    // TVD: a takes three values (+1/2, -1/2, 0), so S = (P+ - P-) / 2 with P+- the student mass where ps > pt / ps < pt.
+    // a_j - S is then formed from the masses on the other sides, never as the difference of two numbers near 1/2:
+    //   a = +1/2: (2 P- + P0) / 2P     a = -1/2: -(2 P+ + P0) / 2P     a = 0: (P- - P+) / 2P     (P = P+ + P- + P0)
+    // (with a dominant token, 1/2 - S cancels, and the exp's rounding error in S came back several times larger)
+    BlockedSum<acc_t> acc_loss, acc_pa, acc_pos, acc_neg, acc_zero;
     for_each_chunk<acc_t>(s, t, n_vocab, inv_t, [&](const V& xs, const V& xt, int64_t, int64_t) {
       const V lps = log_ps(xs), lpt = log_pt(xt);
       const V ps = vexp(lps);
       V term, a;
       div.eval(lps, lpt, ps, vexp(lpt), term, a);
       acc_loss.add(term);
-      acc_pa.add(safe_mul(ps, a));
+      if constexpr (kDiv == kTVD) {
+        acc_pos.add(V::blendv(zero, ps, a > zero));
+        acc_neg.add(V::blendv(zero, ps, a < zero));
+        acc_zero.add(V::blendv(zero, ps, a == zero));
+      } else {
+        acc_pa.add(safe_mul(ps, a));
+      }
     });
     const double raw = acc_loss.finish();
     *loss = static_cast<float>(args.loss_scale * raw);
@@ -411,13 +421,23 @@ void distill_row(const DistillRowsArgs& args, const scalar_t* s, const scalar_t*
       return;
     }
     const V sum_pa(static_cast<acc_t>(acc_pa.finish()));
+    const double p_pos = acc_pos.finish(), p_neg = acc_neg.finish(), p_zero = acc_zero.finish();
+    const double two_p = 2 * (p_pos + p_neg + p_zero);
+    const V c_pos(static_cast<acc_t>((2 * p_neg + p_zero) / two_p)), c_neg(static_cast<acc_t>(-(2 * p_pos + p_zero) / two_p));
+    const V c_zero(static_cast<acc_t>((p_neg - p_pos) / two_p));
     // pass 3: dL/ds'_j = ps_j (a_j - S)
     for_each_chunk<acc_t>(s, t, n_vocab, inv_t, [&](const V& xs, const V& xt, int64_t j, int64_t n) {
       const V lps = log_ps(xs), lpt = log_pt(xt);
       const V ps = vexp(lps);
       V term, a;
       div.eval(lps, lpt, ps, vexp(lpt), term, a);
-      store<scalar_t>(g + j, add_ce(safe_mul(ps, a - sum_pa) * grad_c, xs, j, n), n);
+      V a_minus_s;
+      if constexpr (kDiv == kTVD) {
+        a_minus_s = V::blendv(V::blendv(c_zero, c_pos, a > zero), c_neg, a < zero);
+      } else {
+        a_minus_s = a - sum_pa;
+      }
+      store<scalar_t>(g + j, add_ce(safe_mul(ps, a_minus_s) * grad_c, xs, j, n), n);
     });
     write_tail();
     if (with_ce) finish_ce(args, s, g, label, rc.lse, ce);

@@ -262,8 +262,14 @@ def distill_loss_rows_kernel(
                     )
         else:
             # ---- pass 2 (tail to head): the loss and c = sum_j ps_j a_j
+            # TVD: a is +1/2, -1/2 or 0, so c = (P+ - P-) / 2 with P+- the student mass where ps > pt / ps < pt, and
+            # a - c is formed from the masses on the other sides (a = 1/2: (2 P- + P0) / 2P, a = -1/2: -(2 P+ + P0) /
+            # 2P, a = 0: (P- - P+) / 2P): never the difference of two numbers near 1/2 (a dominant token)
             b_loss = 0.0
             b_c = 0.0
+            b_pos = 0.0
+            b_neg = 0.0
+            b_zero = 0.0
             for i_v in range(0, n_tiles):
                 v0 = (n_tiles - 1 - i_v) * BLOCK_V
                 m_v, b_z, b_y = _load_tiles(p_s, p_t, v0, o_v, VC, inv_temperature, "")
@@ -272,17 +278,32 @@ def distill_loss_rows_kernel(
                 )
                 b_loss += tl.sum(tl.where(m_v, b_d, 0.0), axis=0)
                 if NEED_GRAD:
-                    b_c += tl.sum(tl.where(b_ps == 0, 0.0, b_ps * b_a), axis=0)
+                    if DIVERGENCE == TVD:
+                        b_pos += tl.sum(tl.where(b_a > 0, b_ps, 0.0), axis=0)
+                        b_neg += tl.sum(tl.where(b_a < 0, b_ps, 0.0), axis=0)
+                        # a is 0 or NaN here: ps + a keeps a NaN teacher row NaN
+                        b_zero += tl.sum(tl.where((b_a > 0) | (b_a < 0), 0.0, b_ps + b_a), axis=0)
+                    else:
+                        b_c += tl.sum(tl.where(b_ps == 0, 0.0, b_ps * b_a), axis=0)
             tl.store(loss_ptr + i_n, loss_scale * b_loss)
             if NEED_GRAD:
                 # ---- pass 3 (head to tail): grad = coef * ps (a - c)
                 b_coef = tl.load(grad_scale_ptr).to(tl.float32) * soft_scale * loss_scale * inv_temperature
+                inv_two_p = 0.5 / (b_pos + b_neg + b_zero)
                 for v0 in range(0, VC, BLOCK_V):
                     m_v, b_z, b_y = _load_tiles(p_s, p_t, v0, o_v, VC, inv_temperature, "evict_first")
                     b_ps, b_d, b_a = _element_terms(
                         (b_z - b_mz) - log_sz, (b_y - b_my) - log_sy, beta, log_beta, log_1m_beta, DIVERGENCE
                     )
-                    b_g = b_coef * tl.where(b_ps == 0, 0.0, b_ps * (b_a - b_c))
+                    if DIVERGENCE == TVD:
+                        b_am = tl.where(
+                            b_a > 0,
+                            (2.0 * b_neg + b_zero) * inv_two_p,
+                            tl.where(b_a < 0, -(2.0 * b_pos + b_zero) * inv_two_p, (b_neg - b_pos) * inv_two_p),
+                        )
+                    else:
+                        b_am = b_a - b_c
+                    b_g = b_coef * tl.where(b_ps == 0, 0.0, b_ps * b_am)
                     if HAS_CE:
                         if CE_SHARED:
                             b_g += ce_coef * (b_ps - tl.where(v0 + o_v == label, 1.0, 0.0))

@@ -45,7 +45,17 @@ def student_grad(s: torch.Tensor, t: torch.Tensor, divergence: int, beta: float)
     if name == "reverse_kl":
         a = torch.where(keep, s - t, zero)
     elif name == "tvd":
-        a = 0.5 * torch.sign(ps - pt)
+        # a = sign(ps - pt) / 2 takes three values, so a_j - sum_k ps_k a_k is formed from the student masses P+, P-,
+        # P0 where ps > pt, ps < pt, ps == pt (a = 1/2: (2 P- + P0) / 2P, a = -1/2: -(2 P+ + P0) / 2P, a = 0:
+        # (P- - P+) / 2P), never as the difference of two numbers near 1/2 (a dominant token would cancel)
+        d = ps - pt
+        pos, neg = d > 0, d < 0
+        p_pos = torch.where(pos, ps, zero).sum(-1, keepdim=True)
+        p_neg = torch.where(neg, ps, zero).sum(-1, keepdim=True)
+        p_zero = torch.where(pos | neg, zero, ps + d * 0).sum(-1, keepdim=True)  # d * 0: a NaN row stays NaN
+        inv_two_p = 0.5 / (p_pos + p_neg + p_zero)
+        c = torch.where(pos, (2 * p_neg + p_zero) * inv_two_p, (p_neg - p_pos) * inv_two_p)
+        return ps.mul_(torch.where(neg, -(2 * p_pos + p_zero) * inv_two_p, c))
     else:
         both = keep | (pt > 0)
         s_, t_ = torch.where(both, s, zero), torch.where(both, t, zero)
