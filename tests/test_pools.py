@@ -83,11 +83,6 @@ POOL_ERRORS = [
         ["pools.students[1].payload", "topk"],
     ),
     (
-        "hint_loss",
-        lambda c: _student(c, 0).update(losses=[{"type": "logit_kd"}, {"type": "hint", "layer_map": {0: 1}}]),
-        ["pools.students[0].losses", "'hint'", "intermediate hidden states", "colocated"],
-    ),
-    (
         "bad_student_key",
         lambda c: _student(c, 1)["student"]["deepspeed"].update(stage=5),
         ["pools.students[1]", "student.deepspeed.stage", "5"],

@@ -436,6 +436,12 @@ def open_store(host: str, port: int, rank: int, size: int, timeout_s: float):
 def init_pool_world(store, pool: str, pool_rank: int, pool_size: int, timeout_s: float) -> None:
     """This pool's own torch.distributed world (then ``deepspeed.init_distributed`` adopts it); the launcher's rank
     variables are rewritten to the pool's, so anything that reads them sees the pool."""
+    from fastdistill.train import output
+
+    # as the colocated trainer: no DeepSpeed shm allreduce op. Besides its build, on CPU it creates a 66 MiB
+    # /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> per rank that nothing ever unlinks (RAM lost to
+    # tmpfs after every launch), and its name has the pool rank, not the pool: pools would share one buffer
+    output.prepare_deepspeed()
     import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator

@@ -15,6 +15,9 @@ the rows that rank trains on (token ids, labels and the payload). Payloads, per 
   indices and log-probs at the distillation temperature, the log-sum-exp and the exact log tail mass), sent in its
   uncoded wire form and trained through the fused top-k loss exactly as a cached record is.
 
+With ``hint`` / ``affinity`` / ``attention`` losses, a pool's record also carries the teacher's intermediate hidden
+states or attention q / k of the layers those losses read, captured in the same forward (``pools_intermediate``).
+
 A student pool's run is ``recipe.run`` itself with a :class:`PoolPlan` as its teacher source; the teacher pool runs
 :func:`serve_teacher`, the same teacher engine writing records to the bridge instead of to the loss.
 
@@ -36,6 +39,7 @@ import time
 import torch
 
 from fastdistill.train import bridge as bridge_lib
+from fastdistill.train import pools_intermediate
 from fastdistill.train import targets as tg
 from fastdistill.train.config import ConfigError
 
@@ -126,14 +130,7 @@ def validate_pools(cfg: dict, validate) -> dict:
             resolved = validate(sub)
         except ConfigError as e:
             raise ConfigError(f"{key}: {e}") from None
-        for loss in resolved["losses"]:
-            if loss["type"] in ("hint", "attention", "affinity"):
-                raise ConfigError(
-                    f"{key}.losses: a {loss['type']!r} loss needs the teacher's intermediate hidden states or "
-                    "attention q / k, which a pool payload does not carry (only final hidden states or top-k "
-                    "records); expected only 'logit_kd' / 'hard_ce' in a student pool (train this student colocated, "
-                    "without 'pools')"
-                )
+        for loss in resolved["losses"]:  # hint / attention / affinity: checked against the teacher when it is built
             if loss["type"] == "logit_kd" and payload == "topk" and not loss.get("topk"):
                 raise ConfigError(
                     f"{key}.payload: 'topk' sends top-k records, but its logit_kd loss has no 'topk: K'; set "
@@ -295,13 +292,16 @@ class PoolPlan:
             fields.append(("hidden", meta["dtype"], (rows, seq, meta["hidden_size"])))
         else:  # the teacher cache's record, uncoded
             fields += tg.TopKTargets.wire_layout(rows, seq, meta["topk"][pool], len(meta["temperatures"][pool]))
+        # the teacher states this pool's hint / affinity / attention losses read (none for lm-head losses only)
+        fields += [(name, dtype, (rows, *shape)) for name, dtype, shape in meta["intermediates"].get(pool, ())]
         return bridge_lib.Layout(fields)
 
     # -- student side ----------------------------------------------------------------------------------------------
     def handshake(self) -> dict:
         """Sizes from the teacher pool (and its lm_head for a ``hidden`` pool): ``{"hidden_size", "vocab_size",
-        "dtype", "topk", "temperatures", "lm_head"}`` (``topk`` / ``temperatures``: each pool's record's k and
-        temperatures)."""
+        "dtype", "topk", "temperatures", "intermediates", "lm_head"}`` (``topk`` / ``temperatures``: each pool's
+        record's k and temperatures; ``intermediates``: each pool's intermediate-state fields, see
+        ``pools_intermediate``)."""
         meta = self.bridge.recv_object(0, "the teacher pool's handshake")
         from deepspeed.accelerator import get_accelerator
 
@@ -343,9 +343,10 @@ class PoolPlan:
         self.slots.append((m, bufs, works))
 
     def receive(self, m: int):
-        """(input_ids, labels, teacher target) of micro step ``m``: the hidden states tensor, or the top-k record
-        (``TopKTargets``). Waits (bounded by ``pools.timeout_s``) only when the teacher
-        has not delivered yet; the wait and the number of records already waiting (the teacher's lead) are kept."""
+        """(input_ids, labels, teacher target, teacher states) of micro step ``m``: the hidden states tensor, or the
+        top-k record (``TopKTargets``); the intermediate states this pool's losses read, or None. Waits (bounded by
+        ``pools.timeout_s``) only when the teacher has not delivered yet; the wait and the number of records already
+        waiting (the teacher's lead) are kept."""
         slot_m, bufs, works = self.slots.popleft()
         assert slot_m == m, (slot_m, m)
         self.lead += sum(all(w.is_completed() for w in self.slots[i][2]) for i in range(len(self.slots)))
@@ -371,13 +372,13 @@ class PoolPlan:
             target = cat["hidden"]
         else:
             target = tg.TopKTargets.from_wire(cat, self.meta["temperatures"][self.pool])
-        return cat["input_ids"], cat["labels"], target
+        states = pools_intermediate.teacher_states(cat, self.meta["intermediates"].get(self.pool))
+        return cat["input_ids"], cat["labels"], target, states
 
     def batch(self, m: int):
         """The teacher-source interface of the recipe (as ``OnlineTeacher`` and ``CachedTeacher``): (input_ids,
-        labels, teacher target, teacher states = None) of micro step ``m``."""
-        input_ids, labels, target = self.receive(m)
-        return input_ids, labels, target, None
+        labels, teacher target, teacher states or None) of micro step ``m``."""
+        return self.receive(m)
 
     def take_stats(self) -> dict:
         """Stats since the last call: student wait seconds, records received, mean teacher lead (records ready)."""
@@ -466,6 +467,10 @@ def serve_teacher(cfg: dict, plan: PoolPlan) -> dict:
         "temperatures": temps,
         "vocab_size": teacher_model.config.vocab_size,
     }
+    # the states the pools' hint / affinity / attention losses read, captured in the same forward (a ConfigError
+    # naming the loss's layer_map for a layer the teacher does not have)
+    mid = pools_intermediate.TeacherIntermediates(plan.students, teacher_model, meta["dtype"], cfg["data"]["seq_len"])
+    meta["intermediates"] = mid.layouts
     need_head = any(s["payload"] == "hidden" for s in plan.students.values())
     with models.gathered([weight]):
         head = weight.detach().clone() if need_head and rank == 0 else None
@@ -509,7 +514,7 @@ def serve_teacher(cfg: dict, plan: PoolPlan) -> dict:
         input_ids, labels = sampler.batch(m)
         t0 = time.perf_counter()
         with torch.no_grad():
-            hidden, _ = teacher(input_ids)
+            hidden, states = teacher(input_ids, **mid.forward_kwargs)
             records = {}
             if need_topk_all:
                 with models.gathered([weight]):
@@ -524,12 +529,13 @@ def serve_teacher(cfg: dict, plan: PoolPlan) -> dict:
                 fields["hidden"] = hidden[lo:hi]
             else:
                 fields.update(records[(topk[name], temps[name])].select(slice(lo, hi)).wire())
+            fields.update(mid.select(name, states, lo, hi))
             q = in_flight[g]
             if len(q) >= plan.ring:  # backpressure: at most `ring` records in flight per destination
                 plan.bridge.wait(q.popleft(), g, f"room in the ring (micro step {m})")
             q.append(plan.bridge.isend(lay.pack(fields), g, TAG_RECORD))
             bytes_sent += lay.nbytes
-        del hidden, records
+        del hidden, records, states
         t_send += time.perf_counter() - t1
         t_fwd += t1 - t0
         step = (m + 1) // ga if (m + 1) % ga == 0 else None
