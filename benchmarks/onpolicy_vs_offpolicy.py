@@ -126,10 +126,7 @@ def run_config(p: dict, teacher: str, source: str, out: str, fraction: float, th
                 "stage": 0,
                 "micro_batch_size": p["batch"],
                 "optimizer": {"type": "AdamW", "params": {"lr": p["lr"], "weight_decay": 0.0, "torch_adam": True}},
-                "scheduler": {
-                    "type": "WarmupLR",
-                    "params": {"warmup_min_lr": 0.0, "warmup_max_lr": p["lr"], "warmup_num_steps": 3},
-                },
+                "scheduler": None,  # a constant learning rate: a budget, not a step count, ends the run
             },
         },
         "data": {
