@@ -149,7 +149,7 @@ def tiny_cfg(tmp_path, **data) -> dict:
 
     cfg = yaml.safe_load(open(TINY))
     cfg["run"]["output_dir"] = str(tmp_path / "run")
-    cfg["data"].update(format="prompt_completion", source=write(RECORDS, str(tmp_path / "d.jsonl")), **data)
+    cfg["data"].update({"format": "prompt_completion", "source": write(RECORDS, str(tmp_path / "d.jsonl")), **data})
     return cfg
 
 
