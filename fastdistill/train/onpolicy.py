@@ -35,7 +35,9 @@ DEFAULTS = {
     "max_new_tokens": 128,
     "temperature": 0.9,  # sampling temperature (TRL's GKD default); the loss's own is losses[].temperature
     "top_p": 1.0,
-    "prompt": None,  # packed: the first prompt_tokens of each packed sequence; dataset: the data's prompts
+    # packed: the first prompt_tokens of each packed sequence; dataset: the data's prompts. Not given (or null): the
+    # one data.format fits (validate); "packed" here for code that builds a config from these defaults
+    "prompt": "packed",
     "prompt_tokens": None,  # packed only; None: data.seq_len // 2
     "seq_kd": False,  # the other (1 - fraction) micro steps: the teacher's samples instead of the data's text
     "replay_capacity": 0,  # student batches kept per rank for reuse (DistiLLM); 0: no replay buffer
@@ -70,7 +72,7 @@ def validate(out: dict, losses_given: bool) -> dict | None:
         raise ConfigError(f"unknown key 'onpolicy.{unknown[0]}'; expected one of {sorted(DEFAULTS)}")
     o = {**copy.deepcopy(DEFAULTS), **given}
     fmt = out["data"].get("format", "packed")
-    if o["prompt"] is None:
+    if given.get("prompt") is None:
         o["prompt"] = "dataset" if fmt == "prompt_completion" else "packed"
     checks = [
         ("fraction", _is_num(o["fraction"]) and 0 <= o["fraction"] <= 1, "a number in [0, 1]"),
