@@ -253,7 +253,7 @@ def test_offpolicy_vs_onpolicy_script_smoke_preset(tmp_path):
     cmd += ["--budget", "2", "--threads", "1", "--out", str(tmp_path / "cmp")]
     proc = subprocess.run(
         cmd, cwd=REPO, env={**run_env(), "FASTDISTILL_BENCH_RESULTS": str(res)}, capture_output=True, text=True,
-        timeout=600,
+        timeout=1200,  # three processes (the script, two trainer runs): ~1-2 min on an idle 2-core CI machine
     )  # fmt: skip
     check(proc)
     with open(res / "onpolicy_vs_offpolicy.csv") as f:
