@@ -2,7 +2,8 @@
 (same teacher, student, prompts and settings), and ZeRO-3 generation (one all-gather per call) against unsharded
 generation, in one run.
 
-    python benchmarks/bench_onpolicy.py --preset cpu      # V=49152 (SmolLM2 tokenizer), H=256, 6 -> 2 layers
+    python benchmarks/bench_onpolicy.py --preset cpu      # V=49152 (SmolLM2 tokenizer), H=256, 6 -> 2 layers, B=4
+    python benchmarks/bench_onpolicy.py --preset cpu --providers generation --repeats 2
     python benchmarks/bench_onpolicy.py --preset smoke    # tiny, seconds per provider
     python benchmarks/bench_onpolicy.py --providers fastdistill,trl-gkd
 
@@ -16,8 +17,9 @@ Providers (each in its own process, so peak memory is its own):
                      ``generate`` on a full copy, (d) transformers' ``generate`` on the ZeRO-3 module (its hooks gather
                      every layer for every token: the DeepSpeedExamples #718 / TRL #3858 path)
 
-Rows (tokens/s, median step ms, peak RSS MiB, the share of step time spent generating, the machine's load average) are
-appended to benchmarks/results/onpolicy.csv.
+Rows (tokens/s, median step ms, peak RSS MiB, the share of step time spent generating (fastdistill: its generation
+stage; TRL: its ``generate`` calls), the machine's load average) are appended to benchmarks/results/onpolicy.csv as
+each provider finishes, so a killed or timed-out run keeps the providers that ran.
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ import bench_trainer as BT  # noqa: E402
 
 REPO = BT.REPO
 PRESETS = {
-    "cpu": dict(BT.PRESETS["cpu"], prompt=64, new=64, steps=4),
+    # 3 steps (2 timed after the first), 4 x (32 + 32) tokens: the last 4 x (64 + 64), 4-step attempt ran > 40 min on
+    # the loaded 2-core machine and recorded nothing; run the providers separately if need be (--providers)
+    "cpu": dict(BT.PRESETS["cpu"], prompt=32, new=32, steps=3),
     "smoke": dict(BT.PRESETS["smoke"], prompt=16, new=16, steps=3),
 }
 PROVIDERS = ("fastdistill", "trl-gkd", "generation")
@@ -124,11 +128,36 @@ def trl_worker(args_json: str) -> None:
             "prompt_attention_mask": torch.ones_like(prompts),
         }
 
+    # the share of TRL's step spent generating: every generate() call timed, written after each call (a killed worker
+    # keeps what it measured)
+    from transformers.generation.utils import GenerationMixin
+
+    plain_generate, gen_seconds = GenerationMixin.generate, []
+
+    def timed_generate(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return plain_generate(self, *args, **kwargs)
+        finally:
+            gen_seconds.append(time.perf_counter() - t0)
+            os.makedirs(a["out"], exist_ok=True)
+            with open(os.path.join(a["out"], "generate_seconds.json"), "w") as f:
+                json.dump(gen_seconds, f)
+
+    GenerationMixin.generate = timed_generate
     BT.gkd_train(a, tok, train, collate, lmbda=1.0, beta=BETA, temperature=TEMPERATURE, max_new_tokens=p["new"])
 
 
 def run_trl(p: dict, tdir: str, sdir: str, folder: str) -> dict | None:
-    return BT.run_trl(p, tdir, sdir, folder, script=__file__)
+    r = BT.run_trl(p, tdir, sdir, folder, script=__file__)
+    gen_path = os.path.join(folder, "trl", "generate_seconds.json")
+    if r is not None and os.path.isfile(gen_path):
+        with open(gen_path) as f:
+            gen = json.load(f)[1:]  # steady state: the first step (and its generate call) pays one-time costs
+        r["generate_fraction"] = (
+            sum(gen) / max(sum(r["step_seconds"]), 1e-9) if len(gen) == len(r["step_seconds"]) else None
+        )
+    return r
 
 
 def gen_worker(args_json: str) -> None:
@@ -264,6 +293,7 @@ def main(argv=None) -> int:
     print(f"# on-policy benchmark, preset {a.preset}: {shape}, {p['steps']} steps, {a.threads} thread(s) ({device})")
     print(f"# load average before: {os.getloadavg()}")
     rows: list[dict] = []
+    path = os.path.join(C.results_dir(), "onpolicy.csv")
     sha, stamp = C.git_sha(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # one run: one sha, one date
 
     def row(provider, mode, world, tps, step_s, peak, gen_frac=None, extra=None):
@@ -292,8 +322,35 @@ def main(argv=None) -> int:
             }
         )
 
+    def baseline_of(r: dict) -> dict | None:  # train steps against TRL, generation against unsharded generate
+        name = "trl-gkd" if r["mode"] == "train-step" else "hf-generate-unsharded"
+        return next((b for b in rows if b["provider"] == name), None)
+
+    def flush(new_rows: list[dict]) -> None:
+        """Append one provider's rows to the CSV as soon as it finished (a killed run keeps what ran); a row whose
+        baseline was measured before it gets its ratio, a baseline measured after its rows names them in ``extra``."""
+        for r in new_rows:
+            base = baseline_of(r)
+            if base is r:
+                r["vs_baseline"] = 1.0
+                extra = json.loads(r["extra"])
+                for o in rows:
+                    if o is not r and baseline_of(o) is r and o not in new_rows:
+                        o["vs_baseline"] = round(o["tokens_per_s"] / r["tokens_per_s"], 3)
+                        extra[f"{o['provider']}_vs_this"] = o["vs_baseline"]
+                r["extra"] = json.dumps(extra)
+            elif base is not None:
+                r["vs_baseline"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
+        new = not os.path.exists(path)
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=FIELDS)
+            if new:
+                w.writeheader()
+            w.writerows(new_rows)
+
     with tempfile.TemporaryDirectory(prefix="bench_onpolicy_") as folder:
         tdir, sdir = BT.build_models(p, folder)
+        done = 0
         for prov in providers:
             sub = os.path.join(folder, prov)
             os.makedirs(sub)
@@ -308,7 +365,8 @@ def main(argv=None) -> int:
                 r = run_trl(p, tdir, sdir, sub)
                 if r is not None:
                     tps = r["tokens_per_step"] * len(r["step_seconds"]) / sum(r["step_seconds"])
-                    row(prov, "train-step", 1, tps, r["step_seconds"], max(r["peak_rss_mib_per_rank"]))
+                    row(prov, "train-step", 1, tps, r["step_seconds"], max(r["peak_rss_mib_per_rank"]),
+                        r.get("generate_fraction"))  # fmt: skip
             else:
                 skip = ["hf-generate-zero3x2-hooks"] if a.skip_naive_zero3 else []
                 r = run_generation(p, sdir, sub, a.repeats, skip)
@@ -318,14 +376,11 @@ def main(argv=None) -> int:
                         # peak: rank 0's process, which holds a full copy and a shard for all four paths
                         row(name, "generate", 2 if "zero3" in name else 1, tps, times, r["peak_rss_mib"],
                             extra={"peak_mib": "rank-0 process, all generation paths together"})  # fmt: skip
-            print(f"{prov}: done in {time.time() - t0:.0f} s")
+            flush(rows[done:])
+            done = len(rows)
+            print(f"{prov}: done in {time.time() - t0:.0f} s (rows appended to {path})", flush=True)
     if not rows:
         return 1
-    by = {r["provider"]: r for r in rows}
-    for r in rows:  # train steps against TRL, generation against transformers' unsharded generate
-        base = by.get("trl-gkd" if r["mode"] == "train-step" else "hf-generate-unsharded")
-        if base is not None and base is not r:
-            r["vs_baseline"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
     print()
     print(f"{'provider':<28}{'mode':<12}{'world':>6}{'tokens/s':>10}{'median ms':>11}{'peak MiB':>10}{'gen share':>10}"
           f"{'vs base':>9}")  # fmt: skip
@@ -335,13 +390,6 @@ def main(argv=None) -> int:
             f"{str(r['peak_mib']):>10}{str(r['generate_fraction']):>10}{str(r['vs_baseline']):>9}"
         )
     print(f"# load average after: {os.getloadavg()}")
-    path = os.path.join(C.results_dir(), "onpolicy.csv")
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
     print("csv:", path)
     return 0
 

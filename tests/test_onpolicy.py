@@ -196,7 +196,7 @@ def test_defaults_and_default_loss():
         ({"max_new_tokens": 0}, r"onpolicy\.max_new_tokens: got 0; expected an integer >= 1"),
         ({"temperature": -1}, r"onpolicy\.temperature: got -1; expected a number >= 0"),
         ({"top_p": 0}, r"onpolicy\.top_p: got 0; expected a number in \(0, 1\]"),
-        ({"prompt": "chat"}, r"onpolicy\.prompt: got 'chat'; expected one of \['packed'\]"),
+        ({"prompt": "chat"}, r"onpolicy\.prompt: got 'chat'; expected one of \['packed', 'dataset'\]"),
         ({"prompt_tokens": 32}, r"onpolicy\.prompt_tokens: got 32; expected an integer in \[1, data\.seq_len - 1"),
         ({"replay_capacity": -1}, r"onpolicy\.replay_capacity: got -1; expected an integer >= 0"),
         ({"replay_reuse": 1.0}, r"onpolicy\.replay_reuse: got 1\.0; expected a number in \[0, 1\)"),

@@ -80,7 +80,11 @@ SCHEMA: dict[str, Any] = {
         "deepspeed": DEEPSPEED_STUDENT,
     },
     "data": {
-        "source": (_str, "pydoc_topics"),  # pydoc_topics | a .txt file
+        "source": (_str, "pydoc_topics"),  # packed: pydoc_topics | a .txt file; prompt_completion: pydoc_qa | a file
+        "format": (
+            _str,
+            "packed",
+        ),  # packed (text cut into seq_len tokens) | prompt_completion (fastdistill.train.data)
         "tokenizer": (_str, "teacher"),  # teacher | bytes | a builtin name or folder
         "seq_len": (_int, 128),
         "heldout_fraction": (_float, 0.05),
@@ -101,6 +105,7 @@ SCHEMA: dict[str, Any] = {
     },
     "schedule": {
         "max_steps": (_int, 100),  # optimizer steps
+        "max_seconds": (_opt(_float), None),  # also stop after this much training wall-clock (rank 0's clock)
         "eval_every": (_int, 0),  # 0: only before and after training
         "save_every": (_int, 0),  # 0: only at the end
         "eval_batches": (_opt(_int), None),  # None: the whole held-out split
@@ -308,6 +313,29 @@ def _check_cache(out: dict) -> None:
             )
 
 
+def _check_data_source(out: dict) -> None:
+    from fastdistill.train.data import EXAMPLE_SUFFIXES, FORMATS
+
+    data = out["data"]
+    _choice("data.format", data["format"], FORMATS)
+    if data["format"] == "packed":
+        if data["source"] != "pydoc_topics" and not os.path.isfile(data["source"]):
+            raise ConfigError(f"data.source: got {data['source']!r}; expected 'pydoc_topics' or an existing text file")
+        return
+    src = data["source"]
+    if src != "pydoc_qa" and not (os.path.isfile(src) and src.lower().endswith(EXAMPLE_SUFFIXES)):
+        raise ConfigError(
+            f"data.source: got {src!r} with data.format 'prompt_completion'; expected 'pydoc_qa' or an existing "
+            f"{'/'.join(EXAMPLE_SUFFIXES)} file of prompt / completion (or chat 'messages') rows"
+        )
+    for key, what in (("teacher.cache", out["teacher"]["cache"]), ("pools", out["pools"])):
+        if what is not None:
+            raise ConfigError(
+                f"data.format: 'prompt_completion' is not supported with {key} yet (it reads packed sequences); "
+                "expected data.format 'packed' there"
+            )
+
+
 def validate(cfg: dict) -> dict:
     """Fill the defaults of ``cfg`` (a parsed YAML mapping) and check it; returns the resolved config."""
     out = _fill(SCHEMA, cfg, "")
@@ -381,8 +409,7 @@ def validate(cfg: dict) -> dict:
         raise ConfigError(f"data.seq_len: got {data['seq_len']}; expected an integer >= 2")
     if not 0.0 < data["heldout_fraction"] < 1.0:
         raise ConfigError(f"data.heldout_fraction: got {data['heldout_fraction']}; expected a number in (0, 1)")
-    if data["source"] != "pydoc_topics" and not os.path.isfile(data["source"]):
-        raise ConfigError(f"data.source: got {data['source']!r}; expected 'pydoc_topics' or an existing text file")
+    _check_data_source(out)
     if data["tokenizer"] == "teacher" and teacher["model"] is None and teacher["cache"] is None:
         raise ConfigError(
             "data.tokenizer: 'teacher' needs 'teacher.model' (a teacher from 'teacher.config' has no "
@@ -406,6 +433,11 @@ def validate(cfg: dict) -> dict:
     for key, (value, least) in at_least.items():
         if value is not None and value < least:
             raise ConfigError(f"{key}: got {value}; expected a number >= {least}")
+    if sched["max_seconds"] is not None and (sched["max_seconds"] <= 0 or out["pools"] is not None):
+        raise ConfigError(
+            f"schedule.max_seconds: got {sched['max_seconds']!r}; expected null or a number > 0 (and no `pools`: the "
+            "teacher pool serves max_steps steps)"
+        )
     kd = next((x for x in out["losses"] if x["type"] == "logit_kd"), None)
     if kd is not None and kd.get("topk") and run["loss_impl"] != "fused":
         raise ConfigError("losses[].topk: sparse top-k KD needs run.loss_impl 'fused', got 'unfused'")

@@ -35,15 +35,18 @@ DEFAULTS = {
     "max_new_tokens": 128,
     "temperature": 0.9,  # sampling temperature (TRL's GKD default); the loss's own is losses[].temperature
     "top_p": 1.0,
-    "prompt": "packed",  # packed: the first prompt_tokens of each packed sequence (the one prompt source so far)
-    "prompt_tokens": None,  # None: data.seq_len // 2
+    # packed: the first prompt_tokens of each packed sequence; dataset: the data's prompts. Not given (or null): the
+    # one data.format fits (validate); "packed" here for code that builds a config from these defaults
+    "prompt": "packed",
+    "prompt_tokens": None,  # packed only; None: data.seq_len // 2
     "seq_kd": False,  # the other (1 - fraction) micro steps: the teacher's samples instead of the data's text
     "replay_capacity": 0,  # student batches kept per rank for reuse (DistiLLM); 0: no replay buffer
     "replay_reuse": 0.5,  # probability that a student micro step reuses a stored batch instead of generating
 }
-# a prompt / completion split needs data rows that carry it (labels ignored on the prompt): the trainer's data is
-# packed text today, so "packed" is the one source; prompt_lengths already reads a split from such labels
-PROMPTS = ("packed",)
+# packed: the first prompt_tokens of each packed text sequence; dataset: the prompt of each prompt / completion example
+# (data.format: prompt_completion; prompt_lengths reads it from the labels, ignored on the prompt). None: the one that
+# fits data.format
+PROMPTS = ("packed", "dataset")
 # the loss a run with `onpolicy` gets when it names none: generalized JSD, beta 0.5 (TRL's GKDTrainer)
 DEFAULT_LOSSES = [{"type": "logit_kd", "weight": 1.0, "divergence": "jsd", "beta": 0.5, "temperature": 1.0}]
 STATE_FILE = "onpolicy_rank{rank}.pt"
@@ -68,6 +71,9 @@ def validate(out: dict, losses_given: bool) -> dict | None:
     if unknown:
         raise ConfigError(f"unknown key 'onpolicy.{unknown[0]}'; expected one of {sorted(DEFAULTS)}")
     o = {**copy.deepcopy(DEFAULTS), **given}
+    fmt = out["data"].get("format", "packed")
+    if given.get("prompt") is None:
+        o["prompt"] = "dataset" if fmt == "prompt_completion" else "packed"
     checks = [
         ("fraction", _is_num(o["fraction"]) and 0 <= o["fraction"] <= 1, "a number in [0, 1]"),
         ("max_new_tokens", _is_int(o["max_new_tokens"]) and o["max_new_tokens"] >= 1, "an integer >= 1"),
@@ -83,6 +89,20 @@ def validate(out: dict, losses_given: bool) -> dict | None:
         if not ok:
             raise ConfigError(f"onpolicy.{key}: got {o[key]!r}; expected {expected}")
     seq_len = out["data"]["seq_len"]
+    if (o["prompt"] == "dataset") != (fmt == "prompt_completion"):
+        raise ConfigError(
+            f"onpolicy.prompt: got {o['prompt']!r} with data.format {fmt!r}; expected 'dataset' with "
+            "'prompt_completion' data (the examples' own prompts) and 'packed' with packed text (or leave it out)"
+        )
+    if o["prompt"] == "dataset":
+        if o["prompt_tokens"] is not None:
+            raise ConfigError(
+                f"onpolicy.prompt_tokens: got {o['prompt_tokens']}; expected null with onpolicy.prompt 'dataset' (each "
+                "example's prompt is its own length)"
+            )
+        if not losses_given:
+            out["losses"] = copy.deepcopy(DEFAULT_LOSSES)
+        return o
     if o["prompt_tokens"] is None:
         o["prompt_tokens"] = seq_len // 2
     if not 1 <= o["prompt_tokens"] < seq_len:

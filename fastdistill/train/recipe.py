@@ -601,6 +601,13 @@ def run(cfg: dict) -> dict:
             pools.fault_kill(cfg)
         if plan is None and kill_at and step == kill_at and rank == 0:
             os.kill(os.getpid(), signal.SIGKILL)
+        if sched["max_seconds"] is not None and step < sched["max_steps"]:
+            # a wall-clock budget: rank 0's clock decides, so every rank stops after the same step
+            over = torch.tensor([float(time.time() - t_train >= sched["max_seconds"])])
+            dist.broadcast(over, 0)
+            if over.item():
+                say(f"schedule.max_seconds: {sched['max_seconds']} s reached after step {step}")
+                break
     bar.close()
     if source is not plan:  # a pool plan closes after the final checkpoint (its commit report)
         source.close()
