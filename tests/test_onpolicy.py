@@ -216,10 +216,7 @@ def test_rejected_with_a_teacher_cache_and_with_pools(tmp_path):
     cfg["student"] = {"config": dict(tiny_cfg()["teacher"]["config"])}
     with pytest.raises(ConfigError, match=r"onpolicy: a teacher\.cache .* needs a live teacher"):
         validate(cfg)
-    cfg = tiny_cfg()
-    cfg["pools"] = {"teacher": 1, "students": [{"name": "a", "size": 1}]}
-    with pytest.raises(ConfigError, match=r"onpolicy: not supported with `pools`"):
-        validate(cfg)
+    # with `pools` on-policy runs (tests/test_pools_onpolicy.py checks what a pool does not support)
     with pytest.raises(ConfigError, match=r"onpolicy: expected a mapping"):
         validate({**tiny_cfg(), "onpolicy": 0.5})
 

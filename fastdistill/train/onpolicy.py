@@ -116,12 +116,7 @@ def validate(out: dict, losses_given: bool) -> dict | None:
             "for the student's completions; on-policy distillation needs a live teacher (teacher.model or "
             "teacher.config, without teacher.cache)"
         )
-    if out.get("pools") is not None:
-        raise ConfigError(
-            "onpolicy: not supported with `pools` (the teacher pool reads and scores its own data; it does not take "
-            "sequences from the student pools); drop `pools` to run on-policy with the colocated teacher, or drop "
-            "`onpolicy`"
-        )
+    # with `pools`, each student pool's section is checked again by fastdistill.train.pools_onpolicy.validate
     if not losses_given:
         out["losses"] = copy.deepcopy(DEFAULT_LOSSES)
     return o

@@ -39,14 +39,14 @@ import time
 import torch
 
 from fastdistill.train import bridge as bridge_lib
-from fastdistill.train import pools_intermediate
+from fastdistill.train import pools_intermediate, pools_onpolicy
 from fastdistill.train import targets as tg
 from fastdistill.train.config import ConfigError
 
 COMMIT = "pools_commit.json"
 PAYLOADS = ("hidden", "topk")
 TAG_RECORD, TAG_ACK = 0, 2
-POOL_KEYS = ("name", "ranks", "nodes", "payload", "student", "losses", "output_dir")
+POOL_KEYS = ("name", "ranks", "nodes", "payload", "student", "losses", "output_dir", "onpolicy")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -121,6 +121,8 @@ def validate_pools(cfg: dict, validate) -> dict:
         sub["student"] = _merge(sub["student"], given_student)
         if sp.get("losses") is not None:
             sub["losses"] = sp["losses"]
+        if "onpolicy" in sp:  # this pool's own on-policy settings (null: off-policy), else the top-level section
+            sub["onpolicy"] = sp["onpolicy"]
         sub["run"]["output_dir"] = sp.get("output_dir") or os.path.join(cfg["run"]["output_dir"], name)
         if sub["run"]["resume"] not in ("auto", "never"):
             raise ConfigError(
@@ -136,6 +138,7 @@ def validate_pools(cfg: dict, validate) -> dict:
                     f"{key}.payload: 'topk' sends top-k records, but its logit_kd loss has no 'topk: K'; set "
                     f"losses[].topk or use payload 'hidden'"
                 )
+        pools_onpolicy.validate(key, name, resolved, cfg["teacher"])
         if resolved["run"]["loss_impl"] != "fused":
             raise ConfigError(f"{key}: run.loss_impl {resolved['run']['loss_impl']!r}; pools expect 'fused'")
         out["students"].append({"name": name, **size, "payload": payload, "config": resolved})
@@ -256,6 +259,7 @@ class PoolPlan:
         self.records = 0
         self.records_total = 0
         self.acks: list = []
+        self.onpolicy = None  # with `onpolicy`: pools_onpolicy.StudentScoring (attach_onpolicy)
 
     # -- naming ------------------------------------------------------------------------------------------------------
     @staticmethod
@@ -337,16 +341,27 @@ class PoolPlan:
     def total_micro(self) -> int:
         return self.cfg["schedule"]["max_steps"] * self.cfg["student"]["deepspeed"]["gradient_accumulation_steps"]
 
+    def attach_onpolicy(self, stage) -> None:
+        """This pool's on-policy stage (``fastdistill.train.onpolicy.OnPolicy``): on its on-policy micro steps the
+        rank sends its own sequences to the teacher pool and receives their scores (before :meth:`start`)."""
+        self.onpolicy = pools_onpolicy.StudentScoring(self, stage)
+
     def _post(self, m: int) -> None:
-        bufs = [(src, lay, lay.empty()) for src, lay in self.pieces]
+        scored = self.onpolicy is not None and self.onpolicy.scored(m)
+        bufs = [(src, lay, lay.empty()) for src, lay in (self.onpolicy.pieces if scored else self.pieces)]
         works = [self.bridge.irecv(buf, src, TAG_RECORD) for src, _, buf in bufs]
         self.slots.append((m, bufs, works))
 
     def receive(self, m: int):
         """(input_ids, labels, teacher target, teacher states) of micro step ``m``: the hidden states tensor, or the
-        top-k record (``TopKTargets``); the intermediate states this pool's losses read, or None. Waits (bounded by
-        ``pools.timeout_s``) only when the teacher has not delivered yet; the wait and the number of records already
-        waiting (the teacher's lead) are kept."""
+        top-k record (``TopKTargets``); the intermediate states this pool's losses read, or None."""
+        cat = self.take(m)
+        return cat["input_ids"], cat["labels"], self.target(cat), self.states(cat)
+
+    def take(self, m: int) -> dict:
+        """The fields of micro step ``m``'s record (on this rank's device). Waits (bounded by ``pools.timeout_s``)
+        only when the teacher has not delivered yet; the wait and the number of records already waiting (the
+        teacher's lead) are kept."""
         slot_m, bufs, works = self.slots.popleft()
         assert slot_m == m, (slot_m, m)
         self.lead += sum(all(w.is_completed() for w in self.slots[i][2]) for i in range(len(self.slots)))
@@ -367,17 +382,26 @@ class PoolPlan:
         cat = {k: torch.cat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k].clone() for k in parts[0]}
         if m + self.ring < self.total_micro:
             self._post(m + self.ring)
-        cat = {k: v.to(self.device, non_blocking=True) for k, v in cat.items()}
+        return {k: v.to(self.device, non_blocking=True) for k, v in cat.items()}
+
+    def target(self, cat: dict):
+        """The teacher target of a record's fields: the hidden states tensor, or the top-k record."""
         if self.payload == "hidden":
-            target = cat["hidden"]
-        else:
-            target = tg.TopKTargets.from_wire(cat, self.meta["temperatures"][self.pool])
-        states = pools_intermediate.teacher_states(cat, self.meta["intermediates"].get(self.pool))
-        return cat["input_ids"], cat["labels"], target, states
+            return cat["hidden"]
+        return tg.TopKTargets.from_wire(cat, self.meta["temperatures"][self.pool])
+
+    def states(self, cat: dict):
+        """The intermediate teacher states of a record's fields that this pool's losses read (None when none)."""
+        return pools_intermediate.teacher_states(cat, self.meta["intermediates"].get(self.pool))
 
     def batch(self, m: int):
         """The teacher-source interface of the recipe (as ``OnlineTeacher`` and ``CachedTeacher``): (input_ids,
         labels, teacher target, teacher states or None) of micro step ``m``."""
+        if self.onpolicy is not None:  # the student writes the sequences of its on-policy steps
+            return self.onpolicy.batch(m)
+        return self.batch_data(m)
+
+    def batch_data(self, m: int):
         return self.receive(m)
 
     def take_stats(self) -> dict:
@@ -489,6 +513,7 @@ def serve_teacher(cfg: dict, plan: PoolPlan) -> dict:
         payload = plan.students[name]["payload"]
         dests.append((g, name, payload, lo, hi, plan.record_layout(name, hi - lo, meta)))
     in_flight = {g: collections.deque() for g, *_ in dests}
+    scoring = pools_onpolicy.TeacherScoring(plan, teacher, weight, meta, in_flight)  # the pools with `onpolicy`
     need_topk = {(topk[n], temps[n]) for _, n, p, *_ in dests if p == "topk"}
     # every teacher rank runs the gathered-lm_head top-k (a pool collective) the same number of times
     all_need = [None] * world
@@ -511,33 +536,39 @@ def serve_teacher(cfg: dict, plan: PoolPlan) -> dict:
         )
     t_loop, cpu_loop = time.time(), time.process_time()
     for m in range(start * ga, max_steps * ga):
-        input_ids, labels = sampler.batch(m)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            hidden, states = teacher(input_ids, **mid.forward_kwargs)
-            records = {}
-            if need_topk_all:
-                with models.gathered([weight]):
-                    for k, temp in need_topk_all:
-                        records[(k, temp)] = tg.topk_from_hidden(hidden, weight, k, temp)
-        forwards += 1
-        t1 = time.perf_counter()
-        step_tensor = torch.tensor([m], dtype=torch.int64)
-        for g, name, payload, lo, hi, lay in dests:
-            fields = {"step": step_tensor, "input_ids": input_ids[lo:hi], "labels": labels[lo:hi]}
-            if payload == "hidden":
-                fields["hidden"] = hidden[lo:hi]
-            else:
-                fields.update(records[(topk[name], temps[name])].select(slice(lo, hi)).wire())
-            fields.update(mid.select(name, states, lo, hi))
-            q = in_flight[g]
-            if len(q) >= plan.ring:  # backpressure: at most `ring` records in flight per destination
-                plan.bridge.wait(q.popleft(), g, f"room in the ring (micro step {m})")
-            q.append(plan.bridge.isend(lay.pack(fields), g, TAG_RECORD))
-            bytes_sent += lay.nbytes
-        del hidden, records, states
-        t_send += time.perf_counter() - t1
-        t_fwd += t1 - t0
+        # the data's batch, scored once for every pool that trains on it at m (see pools_onpolicy for the others)
+        if scoring.data_needed(m):
+            input_ids, labels = sampler.batch(m)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                hidden, states = teacher(input_ids, **mid.forward_kwargs)
+                records = {}
+                if need_topk_all:
+                    with models.gathered([weight]):
+                        for k, temp in need_topk_all:
+                            records[(k, temp)] = tg.topk_from_hidden(hidden, weight, k, temp)
+            forwards += 1
+            scoring.data_forwards += 1
+            t1 = time.perf_counter()
+            step_tensor = torch.tensor([m], dtype=torch.int64)
+            for g, name, payload, lo, hi, lay in dests:
+                if scoring.scored(name, m):  # this pool sends its own sequences at m
+                    continue
+                fields = {"step": step_tensor, "input_ids": input_ids[lo:hi], "labels": labels[lo:hi]}
+                if payload == "hidden":
+                    fields["hidden"] = hidden[lo:hi]
+                else:
+                    fields.update(records[(topk[name], temps[name])].select(slice(lo, hi)).wire())
+                fields.update(mid.select(name, states, lo, hi))
+                q = in_flight[g]
+                if len(q) >= plan.ring:  # backpressure: at most `ring` records in flight per destination
+                    plan.bridge.wait(q.popleft(), g, f"room in the ring (micro step {m})")
+                q.append(plan.bridge.isend(lay.pack(fields), g, TAG_RECORD))
+                bytes_sent += lay.nbytes
+            del hidden, records, states
+            t_send += time.perf_counter() - t1
+            t_fwd += t1 - t0
+        forwards += scoring.score(m)  # one forward per pool whose micro step m is on-policy, on its own sequences
         step = (m + 1) // ga if (m + 1) % ga == 0 else None
         if step is not None:
             while rank == 0 and pending and pending[0] + plan.ring <= step:
@@ -560,13 +591,14 @@ def serve_teacher(cfg: dict, plan: PoolPlan) -> dict:
         "send_seconds": t_send,
         "loop_seconds": loop_s,
         "loop_cpu_seconds": loop_cpu_s,  # this rank's CPU time in the loop (the teacher's cost, whatever the load)
-        "busy_fraction": t_fwd / max(loop_s, 1e-9),
+        "busy_fraction": (t_fwd + scoring.seconds) / max(loop_s, 1e-9),
         "bytes_sent": bytes_sent,
         "teacher_param_bytes_per_rank": all_mem,
         "wall_seconds": time.time() - t_start,
+        **scoring.summary(),
     }
     per_rank = [None] * world
-    keys = ("teacher_forwards", "bytes_sent", "forward_seconds", "loop_seconds", "loop_cpu_seconds")
+    keys = ("teacher_forwards", "bytes_sent", "forward_seconds", "loop_seconds", "loop_cpu_seconds", "data_forwards")
     dist.all_gather_object(per_rank, {k: summary[k] for k in keys})
     if rank == 0:
         summary["per_rank"] = per_rank

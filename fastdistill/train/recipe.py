@@ -449,6 +449,8 @@ def run(cfg: dict) -> dict:
         from fastdistill.train.onpolicy import OnPolicy
 
         stage = OnPolicy(cfg, sampler, student.module.model, teacher_model, tokenizer, rank, world)
+        if plan is not None:  # its on-policy steps: this rank's sequences go to the teacher pool to be scored
+            plan.attach_onpolicy(stage)
     if plan is not None:  # a pool's plain teacher copy only gave the student its layers (a stage keeps its own)
         teacher_model = None
     needs_states = loss_fn.needs_hidden_states
