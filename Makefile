@@ -56,7 +56,6 @@ test: install
 # derived from the case's id (tests/conftest.py); a per-case failure table at the end. Not run by CI (~20 min, 2 cores).
 STRESS_SEEDS ?= 100
 test-stress: install
-	$(PY) -m pip install -q pytest-xdist
 	-FASTDISTILL_STRESS_SEEDS=$(STRESS_SEEDS) OMP_NUM_THREADS=1 $(PY) -m pytest tests/test_distill_loss.py \
 	  tests/test_fused_linear_distill.py -m stress -q -n 2 -p no:randomly --junitxml=.cache/stress.xml $(PYTEST_ARGS) \
 	  | tail -n 3
