@@ -45,10 +45,10 @@ ext: install
 	$(PY) setup.py build_ext --inplace -q
 
 # two pytest-xdist workers (TEST_JOBS=0: one process), one module at a time each, the longest first (the launched
-# multi-process tests: tests/conftest.py, _xdist_groups); every launch gets its own master port (tests/_launch.py)
+# multi-process tests: tests/conftest.py, _xdist_order); every launch gets its own master port (tests/_launch.py)
 TEST_JOBS ?= 2
 test: install
-	$(PY) -m pytest tests -q -ra -n $(TEST_JOBS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
+	$(PY) -m pytest tests -q -ra -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The randomized correctness tests of the losses (tests marked `stress`: distill_loss, kl_div, fused linear dense and
 # top-k; every backend that runs on this machine, V > 65536 included) over STRESS_SEEDS seeds per case, each seed

@@ -79,7 +79,7 @@ def pytest_generate_tests(metafunc):
 
 def pytest_collection_modifyitems(config, items):
     """Under FASTDISTILL_STRESS_SEEDS, only tests (or parameter sets) marked ``stress`` are repeated."""
-    _xdist_groups(items)
+    _xdist_order(items)
     if STRESS_SEEDS <= 0:
         return
     keep, drop = [], []
@@ -91,13 +91,11 @@ def pytest_collection_modifyitems(config, items):
         items[:] = keep
 
 
-def _xdist_groups(items):
-    """The order of ``make test``'s two pytest-xdist workers (``-n 2 --dist loadgroup --no-loadscope-reorder``): one
-    group per module (its module fixtures, e.g. a reference run, built once and shared by its tests), handed out in
-    collection order to whichever worker is free; the modules with ``slow`` tests (the launched multi-process runs,
-    the Triton AOT compile, the plain ``pip install``) go first, so no worker is left with a long one at the end."""
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+def _xdist_order(items):
+    """The order of ``make test``'s two pytest-xdist workers (``-n 2 --dist loadfile --no-loadscope-reorder``: a module
+    runs whole on one worker, its module fixtures, e.g. a reference run, built once; modules are handed out in
+    collection order to whichever worker is free): the modules with ``slow`` tests (the launched multi-process runs,
+    the Triton AOT compile, the plain ``pip install``) first, so no worker is left with a long one at the end."""
     if os.environ.get("PYTEST_XDIST_WORKER"):  # only under xdist; every worker sorts its collection the same way
         slow = {i.nodeid.split("::")[0] for i in items if i.get_closest_marker("slow")}
         items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)  # stable: order within a module kept
