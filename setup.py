@@ -70,7 +70,7 @@ setup(
     install_requires=["torch>=2.4", "numpy", "pyyaml", "tqdm", "ninja", "triton; platform_system == 'Linux'"],
     extras_require={
         "triton": ["triton"],
-        "dev": ["pytest", "pytest-timeout", "expecttest", "matplotlib", "ruff", "triton", "trl"],
+        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "expecttest", "matplotlib", "ruff", "triton", "trl"],
         "train": [
             "deepspeed",
             "transformers",

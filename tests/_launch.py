@@ -50,14 +50,37 @@ def launched(test):
     return test
 
 
-LAUNCHED = [pytest.mark.cpu_only, pytest.mark.slow, needs_launcher]
+# ``launched`` selects the multi-process tests (``pytest -m launched`` / ``-m "not launched"``)
+LAUNCHED = [pytest.mark.cpu_only, pytest.mark.slow, pytest.mark.launched, needs_launcher]
+
+# Master ports: every pytest-xdist worker draws from its own block below Linux's ephemeral range (32768-60999, where
+# bind(0) and gloo's connections land), in steps of 2 from an offset of its own process id (another session on a
+# shared machine starts elsewhere in the block), never the same port twice: no two launches of one session, in one
+# worker or two, are handed the same port.
+_PORT_BASE, _PORT_BLOCK = 20000, 1500
+_ports_handed = 0
+
+
+def _worker_index() -> int:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # "gw0", "gw1", ... (unset without xdist)
+    return int(worker[2:]) % 8 if worker[2:].isdigit() else 0
 
 
 def free_port() -> int:
-    """A free loopback port (for ``--master_port``: every launch its own)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port (for ``--master_port``: every launch its own, unique across pytest-xdist workers)."""
+    global _ports_handed
+    first, slots = _PORT_BASE + _worker_index() * _PORT_BLOCK, _PORT_BLOCK // 2
+    offset = os.getpid() * 7919 % slots
+    while _ports_handed < slots:
+        port = first + 2 * ((offset + _ports_handed) % slots)  # port + 1 stays free too, for a second listener
+        _ports_handed += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use outside this session: the next one
+                continue
+        return port
+    raise RuntimeError(f"no free port left in {first}..{first + _PORT_BLOCK - 1}")
 
 
 def run_env(**extra: str) -> dict:

@@ -46,6 +46,7 @@ def known_precision_defect(reason: str):
 def pytest_configure(config):
     config.addinivalue_line("markers", "cpu_only: runs only on the CPU (skipped by make gpu-check)")
     config.addinivalue_line("markers", "slow: long-running (multi-process, real models)")
+    config.addinivalue_line("markers", "launched: starts deepspeed-launched processes (tests/_launch.py)")
     config.addinivalue_line(
         "markers", "stress: randomized correctness test repeated over FASTDISTILL_STRESS_SEEDS seeds (make test-stress)"
     )
@@ -78,6 +79,7 @@ def pytest_generate_tests(metafunc):
 
 def pytest_collection_modifyitems(config, items):
     """Under FASTDISTILL_STRESS_SEEDS, only tests (or parameter sets) marked ``stress`` are repeated."""
+    _xdist_order(items)
     if STRESS_SEEDS <= 0:
         return
     keep, drop = [], []
@@ -87,6 +89,16 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+def _xdist_order(items):
+    """The order of ``make test``'s two pytest-xdist workers (``-n 2 --dist loadfile --no-loadscope-reorder``: a module
+    runs whole on one worker, its module fixtures, e.g. a reference run, built once; modules are handed out in
+    collection order to whichever worker is free): the modules with ``slow`` tests (the launched multi-process runs,
+    the Triton AOT compile, the plain ``pip install``) first, so no worker is left with a long one at the end."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # only under xdist; every worker sorts its collection the same way
+        slow = {i.nodeid.split("::")[0] for i in items if i.get_closest_marker("slow")}
+        items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)  # stable: order within a module kept
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -196,8 +196,7 @@ def test_zero3_two_ranks_generate_what_the_unsharded_teacher_does(model, teacher
     assert summary["world_size"] == 2 and summary["generated_now"] == 7
 
 
-@pytest.mark.cpu_only
-@pytest.mark.slow
+@launched
 def test_sigkill_then_resume_generates_only_the_rest(model, teacher_dir, prompt_file, tmp_path):
     out = str(tmp_path / "killed")
     killed = launch_generate(out, teacher_dir, prompt_file, env={"FASTDISTILL_FAULT_KILL_AFTER_BATCHES": "2"})

@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
 
-from _launch import DEEPSPEED, REPO, TIMEOUT, check, free_port, run_env  # noqa: E402
+from _launch import DEEPSPEED, REPO, TIMEOUT, check, free_port, launched, run_env  # noqa: E402
 
 import fastdistill.functional as FD
 from fastdistill.train import onpolicy
@@ -224,9 +224,7 @@ def test_rejected_with_a_teacher_cache_and_with_pools(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # launched: ZeRO-3 generation on 2 ranks, and the trainer
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.cpu_only
-@pytest.mark.slow
-@pytest.mark.skipif(DEEPSPEED is None, reason="deepspeed launcher not found")
+@launched
 def test_zero3_generation_on_two_ranks_equals_the_unsharded_student_with_one_gather_per_call(tmp_path):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import _onpolicy_zero3_worker as W
@@ -281,9 +279,7 @@ def metrics(out: str) -> dict[int, dict]:
 ONPOLICY = "onpolicy={fraction: 1.0, max_new_tokens: 6, temperature: 0.9, prompt_tokens: 8, replay_capacity: 2}"
 
 
-@pytest.mark.cpu_only
-@pytest.mark.slow
-@pytest.mark.skipif(DEEPSPEED is None, reason="deepspeed launcher not found")
+@launched
 def test_fraction_zero_reproduces_the_off_policy_trainer(tmp_path):
     short = ["schedule.max_steps=3", "schedule.save_every=0", "run.final_checkpoint=false", "teacher.deepspeed.stage=0"]
     off, zero = str(tmp_path / "off"), str(tmp_path / "zero")
@@ -298,9 +294,7 @@ def test_fraction_zero_reproduces_the_off_policy_trainer(tmp_path):
     assert json.load(open(os.path.join(zero, "summary.json")))["onpolicy_generation_calls"] == 0
 
 
-@pytest.mark.cpu_only
-@pytest.mark.slow
-@pytest.mark.skipif(DEEPSPEED is None, reason="deepspeed launcher not found")
+@launched
 def test_zero3_student_fraction_one_with_replay_kill_and_resume_follow_the_same_trajectory(tmp_path):
     """2 ranks, teacher and student ZeRO-3, every step on-policy, a replay buffer of 2 batches; rank 0 SIGKILLs itself
     after step 5 (checkpoint at 3), the resumed run restores the buffer and draws what the killed run would have."""
