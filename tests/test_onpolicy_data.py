@@ -219,6 +219,7 @@ def check(proc: subprocess.CompletedProcess) -> None:
 
 
 @pytest.mark.cpu_only
+@pytest.mark.slow
 def test_fraction_zero_on_prompt_completion_data_is_the_off_policy_trainer(tmp_path):
     """Off-policy micro steps train on prompt + completion with the loss on the completion only: ``fraction: 0`` gives
     the plain trainer's losses exactly; ``fraction: 1`` trains on the student's samples of the same prompts."""
@@ -247,6 +248,7 @@ def test_fraction_zero_on_prompt_completion_data_is_the_off_policy_trainer(tmp_p
 
 
 @pytest.mark.cpu_only
+@pytest.mark.slow
 def test_offpolicy_vs_onpolicy_script_smoke_preset(tmp_path):
     res = tmp_path / "results"
     cmd = [sys.executable, os.path.join(REPO, "benchmarks", "onpolicy_vs_offpolicy.py"), "--preset", "smoke"]
