@@ -180,6 +180,14 @@ def test_chain_option_errors(tmp_path):
         pipeline._check_teacher_folder(
             folder, _soc_config(tmp_path, None, ["data.train_size=9", "build.teacher_train_size=2"])
         )
+    # a student trained on other documents (build.chains changed) is refused, not resumed
+    doc, student = tmp_path / "qg.txt", str(tmp_path / "students" / "qg")
+    doc.write_text("Problem: a\nQ: done\n")
+    pipeline._check_student_documents(str(doc), student)
+    pipeline._check_student_documents(str(doc), student)
+    doc.write_text("Problem: b\nQ: done\n")
+    with pytest.raises(ResumeError, match="trained on other documents"):
+        pipeline._check_student_documents(str(doc), student)
 
 
 def test_socratic_alternation_on_tiny_models():

@@ -258,6 +258,7 @@ def train_students(cfg: dict, config_path: str) -> None:
             continue
         run_cfg = copy.deepcopy(cfg["student"]["train"])
         run_cfg.setdefault("run", {})["output_dir"] = os.path.join(out, "students", name)
+        _check_student_documents(source, run_cfg["run"]["output_dir"])
         run_cfg["teacher"] = {
             **{k: v for k, v in cfg["teacher"].items() if v is not None},
             **run_cfg.get("teacher", {}),
@@ -273,6 +274,29 @@ def train_students(cfg: dict, config_path: str) -> None:
         proc = subprocess.run([sys.executable, "-m", "fastdistill.train", "--config", path], env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"training the {name} student failed (exit {proc.returncode}); config {path}")
+
+
+def _check_student_documents(source: str, folder: str) -> None:
+    """The trainer resumes a folder whose ``data.source`` path is unchanged, so a student trained on other documents
+    (another ``build.chains``, other problems) is refused here rather than resumed or reported as this run's."""
+    import hashlib
+
+    with open(source, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    path = os.path.join(folder, "documents.sha256")
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = f.read().strip()
+        if old != digest:
+            raise ResumeError(
+                f"{folder!r} holds a student trained on other documents than {source!r} (build.chains or the data "
+                "changed): use a new run.output_dir, or delete that student folder to train it again"
+            )
+        return
+    os.makedirs(folder, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(digest + "\n")
+    os.replace(path + ".tmp", path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
