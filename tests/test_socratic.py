@@ -64,7 +64,11 @@ def test_parse_chain_and_documents(tmp_path):
     assert D.normalize_number("It is 1,200.50 dollars") == "1200.5"
     train = D.synthetic(5, 0, D.TRAIN_TEMPLATES, "train")
     test = D.synthetic(2, 0, D.TEST_TEMPLATES, "test")
-    cfg = {"run": {"output_dir": str(tmp_path)}, "teacher_prompt": {"shots": 2}}
+    cfg = {
+        "run": {"output_dir": str(tmp_path)},
+        "teacher_prompt": {"shots": 2},
+        "build": {"chains": "teacher", "teacher_train_size": None},
+    }
     prompts = pipeline.teacher_prompts(Codec(ByteTokenizer()), cfg, train, test)
     assert len(prompts) == 2 * (3 + 2) and prompts[0].text.endswith("Q:") and prompts[1].text.endswith("Final answer:")
     rows = {}
@@ -81,6 +85,109 @@ def test_parse_chain_and_documents(tmp_path):
     qg = open(tmp_path / "qg.txt").read().split("\n\n\n")
     assert len(qg) == 2 and qg[0].startswith("Problem: ") and qg[0].rstrip().endswith("Q: done")
     assert open(tmp_path / "answerer.txt").read().split("\n\n\n")[0] == D.format_chain(train[2]).strip()
+
+
+_GSM = [  # two GSM8K socratic problems: the first is the few-shot example, the second a train problem
+    {
+        "question": "Ann has 3 red and 4 blue apples. She eats 2. How many are left?",
+        "answer": "How many apples has Ann? ** 3 + 4 = <<3+4=7>>7\nHow many are left? ** 7 - 2 = <<7-2=5>>5\n#### 5",
+    },
+    {
+        "question": "Ben reads 6 pages a day for 5 days and then 4 more. How many pages?",
+        "answer": "How many in 5 days? ** 6 * 5 = <<6*5=30>>30\nHow many in all? ** 30 + 4 = <<30+4=34>>34\n#### 34",
+    },
+    {
+        "question": "Carla has 10 pens and gives away 3. How many are left?",
+        "answer": "How many are left? ** 10 - 3 = 7\n#### 7",
+    },
+]
+
+
+def _soc_config(tmp_path, records=None, overrides=()):
+    from fastdistill.socratic.config import load_config
+
+    over = [f"run.output_dir={tmp_path / 'out'}", "teacher_prompt.shots=1", "data.test_size=1", *overrides]
+    if records is not None:
+        gsm = tmp_path / "gsm.jsonl"
+        gsm.write_text("".join(json.dumps(r) + "\n" for r in records))
+        over.append(f"data.source={gsm}")
+    return load_config(os.path.join(REPO, "configs", "socratic_synthetic.yaml"), over)
+
+
+@pytest.mark.parametrize("mode", ["gold", "teacher_then_gold", "teacher"])
+def test_gold_chains_give_the_documents_of_a_known_problem(tmp_path, mode):
+    cfg = _soc_config(tmp_path, _GSM, [f"build.chains={mode}"])
+    os.makedirs(cfg["run"]["output_dir"])
+    train, test = pipeline.load_problems(cfg)  # the test split: the first problem; train: the other two
+    assert [p.answer for p in train] == ["34", "7"] and [p.answer for p in test] == ["5"]
+    pipeline.check_problems(cfg, train)
+    prompts = pipeline.teacher_prompts(Codec(ByteTokenizer()), cfg, train, test)
+    assert [p.key for p in prompts] == ["train/3/chain", "train/3/direct", "test/1/chain", "test/1/direct"]
+    # a teacher whose only train chain is right, with other sub-questions than the gold ones; direct answers wrong
+    teacher_chain = " How much is 10 - 3?\nA: 7.\nFinal answer: 7"
+    rows = {0: {"samples": [teacher_chain]}, 1: {"samples": [" 8"]}, 2: {"samples": [" junk"]}, 3: {"samples": [" 5"]}}
+    summary = pipeline.write_documents(cfg, prompts, rows, train, test)
+    assert summary["chains"] == mode and summary["kept_rate"] == 1.0
+    assert summary["teacher_direct_accuracy"] == 1.0 and summary["teacher_decomposition_accuracy"] == 0.0
+    docs = {n: open(os.path.join(cfg["run"]["output_dir"], f"{n}.txt")).read() for n in pipeline.STUDENTS}
+    ben_qg = "Problem: Ben reads 6 pages a day for 5 days and then 4 more. How many pages?\nQ: How many in 5 days?\n"
+    ben_qg += "Q: How many in all?\nQ: done"
+    ben_chain = (
+        "Problem: Ben reads 6 pages a day for 5 days and then 4 more. How many pages?\nQ: How many in 5 days?\n"
+        "A: 6 * 5 = 30\nQ: How many in all?\nA: 30 + 4 = 34\nFinal answer: 34"
+    )
+    carla = "Problem: Carla has 10 pens and gives away 3. How many are left?"
+    ben_direct = "Problem: Ben reads 6 pages a day for 5 days and then 4 more. How many pages?\nFinal answer: 34"
+    if mode == "gold":  # every train problem's own decomposition, the few-shot example too
+        assert docs["qg"] == f"{ben_qg}\n\n\n{carla}\nQ: How many are left?\nQ: done\n"
+        assert docs["answerer"] == f"{ben_chain}\n\n\n{carla}\nQ: How many are left?\nA: 10 - 3 = 7\nFinal answer: 7\n"
+        assert docs["direct"] == f"{ben_direct}\n\n\n{carla}\nFinal answer: 7\n"
+        assert summary["socratic_documents_from"] == {"teacher": 0, "gold": 2}
+    elif mode == "teacher_then_gold":  # the teacher's kept chain for Carla, gold for Ben (never prompted)
+        assert docs["qg"] == f"{ben_qg}\n\n\n{carla}\nQ: How much is 10 - 3?\nQ: done\n"
+        assert docs["answerer"].endswith(f"{carla}\nQ: How much is 10 - 3?\nA: 7.\nFinal answer: 7\n")
+        assert docs["direct"] == f"{ben_direct}\n\n\n{carla}\nFinal answer: 7\n"
+        assert summary["socratic_documents_from"] == {"teacher": 1, "gold": 1}
+    else:  # only the teacher's kept chain; its direct answer was wrong: no direct document
+        assert docs["qg"] == f"{carla}\nQ: How much is 10 - 3?\nQ: done\n" and docs["direct"] == "\n"
+        assert summary["socratic_documents_from"] == {"teacher": 1, "gold": 0}
+
+
+def test_chain_option_errors(tmp_path):
+    from fastdistill.generate.run import ResumeError
+    from fastdistill.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"build.chains: got 'silver'; expected one of \['teacher', 'gold'"):
+        _soc_config(tmp_path, None, ["build.chains=silver"])
+    with pytest.raises(ConfigError, match="build.teacher_train_size: got -1"):
+        _soc_config(tmp_path, None, ["build.teacher_train_size=-1"])
+    # GSM8K answers without sub-questions ("#### N" only): gold chains need them, teacher chains only for the shots
+    bare = [_GSM[0], _GSM[1], {"question": "Dev has 2 cats and 3 dogs. How many pets?", "answer": "#### 5"}]
+    for mode in ("gold", "teacher_then_gold"):
+        cfg = _soc_config(tmp_path, bare, [f"build.chains={mode}"])
+        with pytest.raises(PromptError, match=rf"build.chains: {mode} needs .* 1 of 2 problems .* \(first: id '3'\)"):
+            pipeline.check_problems(cfg, pipeline.load_problems(cfg)[0])
+    cfg = _soc_config(tmp_path, bare, ["build.chains=teacher"])
+    pipeline.check_problems(cfg, pipeline.load_problems(cfg)[0])  # the bare problem is not a few-shot example
+    cfg = _soc_config(tmp_path, [bare[0], bare[2], bare[1]], ["build.chains=teacher"])
+    with pytest.raises(PromptError, match=r"teacher_prompt.shots needs .*#### answer'$"):
+        pipeline.check_problems(cfg, pipeline.load_problems(cfg)[0])
+    # a run folder whose teacher rows were made for other problems is refused, the same settings resume
+    folder = str(tmp_path / "out" / "teacher")
+    pipeline._check_teacher_folder(folder, _soc_config(tmp_path))
+    pipeline._check_teacher_folder(folder, _soc_config(tmp_path, None, ["build.chains=gold"]))  # documents only
+    with pytest.raises(ResumeError, match=r"different \['data', 'teacher_train_size'\]"):
+        pipeline._check_teacher_folder(
+            folder, _soc_config(tmp_path, None, ["data.train_size=9", "build.teacher_train_size=2"])
+        )
+    # a student trained on other documents (build.chains changed) is refused, not resumed
+    doc, student = tmp_path / "qg.txt", str(tmp_path / "students" / "qg")
+    doc.write_text("Problem: a\nQ: done\n")
+    pipeline._check_student_documents(str(doc), student)
+    pipeline._check_student_documents(str(doc), student)
+    doc.write_text("Problem: b\nQ: done\n")
+    with pytest.raises(ResumeError, match="trained on other documents"):
+        pipeline._check_student_documents(str(doc), student)
 
 
 def test_socratic_alternation_on_tiny_models():

@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastdistill.train.cli import _environment
 
     _environment()
+    from fastdistill.generate.run import ResumeError
     from fastdistill.socratic import pipeline
 
     try:
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             pipeline.train_students(cfg, args.config)
         if stage in ("eval", "all"):
             pipeline.evaluate(cfg)
-    except (PromptError, FileNotFoundError) as e:
+    except (PromptError, ResumeError, FileNotFoundError) as e:
         print(f"fastdistill socratic: {e}", file=sys.stderr)
         return 2
     return 0

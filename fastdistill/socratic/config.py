@@ -11,6 +11,7 @@ from fastdistill.socratic.data import TEMPLATES, TEST_TEMPLATES, TRAIN_TEMPLATES
 from fastdistill.train.config import REQUIRED, ConfigError, _fill, _int, _opt, _str
 
 _list = (list,)
+CHAINS = ("teacher", "gold", "teacher_then_gold")
 SOC_SAMPLING = {**SAMPLING, "temperature": (SAMPLING["temperature"][0], 0.0), "max_new_tokens": (_int, 96)}
 
 SCHEMA: dict[str, Any] = {
@@ -25,6 +26,10 @@ SCHEMA: dict[str, Any] = {
         "test_templates": (_list, list(TEST_TEMPLATES)),
     },
     "teacher_prompt": {"shots": (_int, 3)},
+    # where the students' documents come from: the teacher's kept chains, the data's own (gold) decompositions, or
+    # the teacher's kept chains with gold ones for the problems whose chain was dropped; the teacher runs either way
+    # (its kept-chain rate and accuracies are measured), on the first ``teacher_train_size`` train problems (all: null)
+    "build": {"chains": (_str, "teacher"), "teacher_train_size": (_opt(_int), None)},
     "sampling": SOC_SAMPLING,
     "generation": {"batch_size": (_int, 4)},
     "student": {"train": ((dict,), REQUIRED)},  # a fastdistill train config without data.source / run.output_dir
@@ -55,6 +60,11 @@ def validate(raw: dict) -> dict:
             f"data.train_size: got {d['train_size']}; expected more than teacher_prompt.shots "
             f"({cfg['teacher_prompt']['shots']}), the few-shot examples come from the train split"
         )
+    b = cfg["build"]
+    if b["chains"] not in CHAINS:
+        raise ConfigError(f"build.chains: got {b['chains']!r}; expected one of {list(CHAINS)}")
+    if b["teacher_train_size"] is not None and b["teacher_train_size"] < 0:
+        raise ConfigError(f"build.teacher_train_size: got {b['teacher_train_size']}; expected an integer >= 0 or null")
     ift = (cfg["student"]["train"].get("student") or {}).get("init_from_teacher")
     if not isinstance(ift, dict) or not isinstance(ift.get("layers"), list):
         raise ConfigError(

@@ -207,6 +207,28 @@ def synthetic(n: int, seed: int, templates: tuple[str, ...] | list[str], prefix:
     return out
 
 
+def require_decompositions(problems: list[Problem], what: str, source: str, hint: str = "") -> None:
+    """A ``PromptError`` naming the first problem without sub-question steps (e.g. a GSM8K answer that is only
+    ``#### N``): ``what`` says which setting needs them."""
+    bare = [p.id for p in problems if not p.steps]
+    if bare:
+        raise PromptError(
+            f"{what} needs every problem's sub-question decomposition, but {len(bare)} of {len(problems)} problems of "
+            f"data.source {source!r} have none (first: id {bare[0]!r}); expected GSM8K socratic answers with "
+            f"'sub-question ** step' lines before '#### answer'{hint}"
+        )
+
+
+def gold_documents(p: Problem) -> dict[str, str]:
+    """The three students' documents of one problem from its own decomposition: ``qg`` (problem, its sub-questions,
+    ``Q: done``), ``answerer`` (the whole chain and final answer) and ``direct`` (problem, final answer)."""
+    return {"qg": qg_document(p, p.steps), "answerer": format_chain(p), "direct": format_direct(p)}
+
+
+def qg_document(p: Problem, steps: list[tuple[str, str]]) -> str:
+    return "\n".join([f"Problem: {p.question}"] + [f"Q: {q}" for q, _ in steps] + ["Q: done"])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the text formats: few-shot prompts, teacher chains, student documents
 # ---------------------------------------------------------------------------------------------------------------

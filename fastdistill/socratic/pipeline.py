@@ -26,6 +26,7 @@ import yaml
 
 from fastdistill.generate.core import SamplingConfig, sample
 from fastdistill.generate.prompts import Codec, Prompt
+from fastdistill.generate.run import ResumeError
 from fastdistill.generate.store import PartStore, _read
 from fastdistill.socratic import data as data_lib
 
@@ -46,10 +47,13 @@ def load_problems(cfg: dict) -> tuple[list[data_lib.Problem], list[data_lib.Prob
 
 def teacher_prompts(codec: Codec, cfg: dict, train, test) -> list[Prompt]:
     """Per problem (train then test): its decomposition prompt and its direct prompt. Few-shot examples are the
-    gold decompositions of the first ``shots`` train problems (never prompted themselves)."""
+    gold decompositions of the first ``shots`` train problems (never prompted themselves); the teacher decomposes
+    the next ``build.teacher_train_size`` train problems (all when null)."""
     shots = train[: cfg["teacher_prompt"]["shots"]]
+    limit = cfg["build"]["teacher_train_size"]
+    prompted = train[len(shots) :] if limit is None else train[len(shots) : len(shots) + limit]
     items = []
-    for split, problems in (("train", train[len(shots) :]), ("test", test)):
+    for split, problems in (("train", prompted), ("test", test)):
         for p in problems:
             for kind in ("chain", "direct"):
                 text = data_lib.few_shot_prompt(shots, p, direct=kind == "direct")
@@ -61,6 +65,49 @@ def teacher_prompts(codec: Codec, cfg: dict, train, test) -> list[Prompt]:
     return items
 
 
+def check_problems(cfg: dict, train) -> None:
+    """The few-shot examples always need decompositions; ``build.chains`` gold / teacher_then_gold needs them for
+    every train problem (checked before the teacher is loaded)."""
+    source = cfg["data"]["source"]
+    data_lib.require_decompositions(train[: cfg["teacher_prompt"]["shots"]], "teacher_prompt.shots", source)
+    if cfg["build"]["chains"] != "teacher":
+        what = f"build.chains: {cfg['build']['chains']}"
+        data_lib.require_decompositions(train, what, source, " (or build.chains: teacher)")
+
+
+# what the teacher's rows depend on: prompt ids are positions in the prompt list, so a folder made with other
+# settings would pair old rows with new prompts
+_TEACHER_KEYS = ("teacher", "tokenizer", "data", "teacher_prompt", "sampling")
+
+
+def _teacher_settings(cfg: dict) -> dict:
+    out = {k: copy.deepcopy(cfg[k]) for k in _TEACHER_KEYS}
+    out["teacher"].pop("deepspeed", None)  # sharding does not change what is generated
+    out["seed"] = cfg["run"]["seed"]
+    out["teacher_train_size"] = cfg["build"]["teacher_train_size"]
+    return json.loads(json.dumps(out, default=str))
+
+
+def _check_teacher_folder(folder: str, cfg: dict) -> None:
+    path = os.path.join(folder, "settings.json")
+    new = _teacher_settings(cfg)
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if diff:
+            raise ResumeError(
+                f"run.output_dir: {os.path.dirname(folder)!r} holds teacher generations made with different {diff}; "
+                "finished prompts would pair with other problems: use a new run.output_dir (or delete its "
+                "'teacher' folder to start over)"
+            )
+        return
+    os.makedirs(folder, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(new, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def teacher_stage(cfg: dict) -> dict:
     """Stage 1 and 2 on every rank (the prompts split by batch); rank 0 writes the documents and the teacher scores."""
     import torch.distributed as dist
@@ -68,15 +115,25 @@ def teacher_stage(cfg: dict) -> dict:
     from fastdistill.generate.run import generate_to_store, load_teacher
     from fastdistill.train import recipe
 
+    train, test = load_problems(cfg)
+    check_problems(cfg, train)  # before the (slow) teacher load
     rank, world = recipe.init_distributed()
     out = cfg["run"]["output_dir"]
+    error = [None]
     if rank == 0:
         os.makedirs(out, exist_ok=True)
-        PartStore(os.path.join(out, "teacher"), "jsonl").clean_temporaries()
+        try:
+            _check_teacher_folder(os.path.join(out, "teacher"), cfg)
+            PartStore(os.path.join(out, "teacher"), "jsonl").clean_temporaries()
+        except ResumeError as e:
+            error = [str(e)]
+    if dist.is_initialized() and world > 1:
+        dist.broadcast_object_list(error, src=0)  # every rank stops, none waits on a barrier rank 0 never reaches
+    if error[0] is not None:
+        raise ResumeError(error[0])
     dist.barrier()
     store = PartStore(os.path.join(out, "teacher"), "jsonl")
     engine, model, codec = load_teacher(cfg, rank, world)
-    train, test = load_problems(cfg)
     prompts = teacher_prompts(codec, cfg, train, test)
     sampling = SamplingConfig(seed=cfg["run"]["seed"], **cfg["sampling"])
     generate_to_store(
@@ -101,9 +158,14 @@ def teacher_stage(cfg: dict) -> dict:
 
 
 def write_documents(cfg: dict, prompts: list[Prompt], rows: dict, train, test) -> dict:
+    """Score the teacher's rows (kept chains, test accuracies) and write the students' documents from the chains
+    ``build.chains`` names: the teacher's kept chains (``teacher``), every train problem's own decomposition
+    (``gold``), or the teacher's kept chain where there is one and the gold one elsewhere (``teacher_then_gold``)."""
     out = cfg["run"]["output_dir"]
+    mode = cfg["build"]["chains"]
     by_id = {p.id: p for p in train + test}
-    docs = {k: [] for k in STUDENTS}
+    kept_chains: dict[str, tuple[list, str]] = {}  # train problem id -> the teacher's right (steps, final)
+    right_direct: dict[str, str] = {}  # train problem id -> the teacher's right direct answer
     kept = dropped = 0
     teacher_direct = teacher_chain = 0
     chains = []
@@ -125,36 +187,59 @@ def write_documents(cfg: dict, prompts: list[Prompt], rows: dict, train, test) -
                 break  # the teacher's test accuracy: its first sample
             if kind == "direct":
                 if ok:
-                    docs["direct"].append(data_lib.format_direct(prob, final))
+                    right_direct.setdefault(pid, final)
                 continue
             if not ok:
                 dropped += 1
                 continue
             kept += 1
+            kept_chains.setdefault(pid, (steps, final))  # one document per problem: its first right sample
+    docs = {k: [] for k in STUDENTS}
+    origin = {"teacher": 0, "gold": 0}  # where each Socratic (qg + answerer) document came from
+    # teacher chains: the prompted problems in order; gold: every train problem (the few-shot examples too)
+    prompted = {pr.key.split("/")[1] for pr in prompts if pr.key.startswith("train/")}
+    for prob in train if mode != "teacher" else [p for p in train if p.id in prompted]:
+        if mode != "gold" and prob.id in kept_chains:
+            steps, final = kept_chains[prob.id]
             docs["answerer"].append(data_lib.format_chain(prob, steps, final))
-            docs["qg"].append("\n".join([f"Problem: {prob.question}"] + [f"Q: {q}" for q, _ in steps] + ["Q: done"]))
+            docs["qg"].append(data_lib.qg_document(prob, steps))
+            origin["teacher"] += 1
+        elif mode != "teacher":
+            gold = data_lib.gold_documents(prob)
+            docs["answerer"].append(gold["answerer"])
+            docs["qg"].append(gold["qg"])
+            origin["gold"] += 1
+        if mode != "gold" and prob.id in right_direct:
+            docs["direct"].append(data_lib.format_direct(prob, right_direct[prob.id]))
+        elif mode != "teacher":
+            docs["direct"].append(data_lib.format_direct(prob))
     for name, items in docs.items():
         with open(os.path.join(out, f"{name}.txt.tmp"), "w") as f:
             f.write("\n\n\n".join(items) + "\n")
         os.replace(os.path.join(out, f"{name}.txt.tmp"), os.path.join(out, f"{name}.txt"))
-    with open(os.path.join(out, "chains.jsonl"), "w") as f:
+    with open(os.path.join(out, "chains.jsonl.tmp"), "w") as f:
         for c in chains:
             f.write(json.dumps(c) + "\n")
+    os.replace(os.path.join(out, "chains.jsonl.tmp"), os.path.join(out, "chains.jsonl"))
     summary = {
+        "chains": mode,
         "train_chains_kept": kept,
         "train_chains_dropped": dropped,
         "kept_rate": kept / max(kept + dropped, 1),
         "documents": {k: len(v) for k, v in docs.items()},
+        "socratic_documents_from": origin,
         "test_problems": len(test),
         "teacher_direct_accuracy": teacher_direct / max(len(test), 1),
         "teacher_decomposition_accuracy": teacher_chain / max(len(test), 1),
     }
-    with open(os.path.join(out, "teacher_summary.json"), "w") as f:
+    with open(os.path.join(out, "teacher_summary.json.tmp"), "w") as f:
         json.dump(summary, f, indent=1)
+    os.replace(os.path.join(out, "teacher_summary.json.tmp"), os.path.join(out, "teacher_summary.json"))
     print(
         f"fastdistill: kept {kept} of {kept + dropped} teacher chains ({summary['kept_rate']:.1%}); teacher test "
         f"accuracy direct {summary['teacher_direct_accuracy']:.3f}, with decomposition "
-        f"{summary['teacher_decomposition_accuracy']:.3f}",
+        f"{summary['teacher_decomposition_accuracy']:.3f}; build.chains: {mode}, Socratic documents "
+        f"{origin['teacher']} from the teacher, {origin['gold']} gold",
         flush=True,
     )
     return summary
@@ -166,10 +251,14 @@ def train_students(cfg: dict, config_path: str) -> None:
     for name in STUDENTS:
         source = os.path.join(out, f"{name}.txt")
         if os.path.getsize(source) < 2:
-            print(f"fastdistill: no {name} documents (every teacher chain was dropped); {name} student not trained")
+            print(
+                f"fastdistill: no {name} documents (every teacher chain was dropped; build.chains: gold or "
+                f"teacher_then_gold trains on the data's own decompositions); {name} student not trained"
+            )
             continue
         run_cfg = copy.deepcopy(cfg["student"]["train"])
         run_cfg.setdefault("run", {})["output_dir"] = os.path.join(out, "students", name)
+        _check_student_documents(source, run_cfg["run"]["output_dir"])
         run_cfg["teacher"] = {
             **{k: v for k, v in cfg["teacher"].items() if v is not None},
             **run_cfg.get("teacher", {}),
@@ -185,6 +274,29 @@ def train_students(cfg: dict, config_path: str) -> None:
         proc = subprocess.run([sys.executable, "-m", "fastdistill.train", "--config", path], env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"training the {name} student failed (exit {proc.returncode}); config {path}")
+
+
+def _check_student_documents(source: str, folder: str) -> None:
+    """The trainer resumes a folder whose ``data.source`` path is unchanged, so a student trained on other documents
+    (another ``build.chains``, other problems) is refused here rather than resumed or reported as this run's."""
+    import hashlib
+
+    with open(source, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    path = os.path.join(folder, "documents.sha256")
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = f.read().strip()
+        if old != digest:
+            raise ResumeError(
+                f"{folder!r} holds a student trained on other documents than {source!r} (build.chains or the data "
+                "changed): use a new run.output_dir, or delete that student folder to train it again"
+            )
+        return
+    os.makedirs(folder, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(digest + "\n")
+    os.replace(path + ".tmp", path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
