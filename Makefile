@@ -99,7 +99,7 @@ demo-weak-labels: install data-weak-labels
 # Socratic decomposition end to end on the embedded word problems, small enough for a 2-core CPU
 demo-socratic: install
 	$(BIN)/fastdistill socratic --config configs/socratic_synthetic.yaml run.output_dir=runs/demo_socratic \
-	  data.train_size=24 data.test_size=8 student.train.schedule.max_steps=20
+	  data.train_size=24 data.test_size=8 student.train.schedule.max_steps=20 build.chains=teacher_then_gold
 
 # Text recognition ("Text is Text"): printed and handwriting fonts and the word list, from Debian packages fetched
 # with `apt-get download` and unpacked with `dpkg -x` into the cache (no root needed; the renderer looks there and in /)
