@@ -147,6 +147,70 @@ def test_terms_match_float64_references(request):
     torch.testing.assert_close(terms["logits"], kl.to(terms["logits"].dtype), rtol=1e-5, atol=1e-6)
 
 
+def _ctc_reference(log_probs: torch.Tensor, target: list[int]) -> torch.Tensor:
+    """-log p(target | x) by the CTC forward recursion over the blank-extended label (float64, one sequence)."""
+    ext = [0]
+    for c in target:
+        ext += [c, 0]
+    S, neg = len(ext), torch.tensor(float("-inf"), dtype=torch.float64)
+    alpha = [log_probs[0, 0], log_probs[0, ext[1]]] + [neg] * (S - 2)
+    for t in range(1, log_probs.shape[0]):
+        new = []
+        for s in range(S):
+            terms = [alpha[s]] + ([alpha[s - 1]] if s >= 1 else [])
+            if s >= 2 and ext[s] != 0 and ext[s] != ext[s - 2]:
+                terms.append(alpha[s - 2])
+            new.append(torch.logsumexp(torch.stack(terms), 0) + log_probs[t, ext[s]])
+        alpha = new
+    return -torch.logsumexp(torch.stack(alpha[-2:]), 0)
+
+
+def test_ctc_term_matches_the_forward_recursion_and_trains_the_encoder(request):
+    m = _model(_seed(request)).double().train()
+    g = torch.Generator().manual_seed(_seed(request))
+    x = (torch.rand(4, 1, 32, 128, generator=g) * 2 - 1).double()
+    y = encode_targets(WORDS, m.config)
+    out = m(x, y)
+    assert out.ctc_logits.shape == (4, 32, len(D.CHARSET) + 1)
+    got = L.ctc_loss(out, y)
+    lp = out.ctc_logits.log_softmax(-1)
+    ref = sum(_ctc_reference(lp[b], [c for c in y[b].tolist() if c > 0]) for b in range(4)) / sum(map(len, WORDS))
+    torch.testing.assert_close(got, ref)
+    got.backward()
+    assert m.cnn[0].weight.grad.abs().sum() > 0 and m.ctc.weight.grad.abs().sum() > 0
+    assert m.w_q.weight.grad is None, "the CTC term reached the attention decoder"
+    with pytest.raises(ValueError, match="no CTC head"):
+        L.ctc_loss(_model(0, ctc_head=False)(x.float(), y), y)
+
+
+def test_position_terms_enter_queries_and_keys(request):
+    """With position_attention the exposed queries / keys carry the step / position terms the map is made of."""
+    seed = _seed(request)
+    x = torch.rand(2, 1, 32, 128, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    y = encode_targets(WORDS[:2], RecognizerConfig(**TINY))
+    with_pos, plain = _model(seed), _model(seed, position_attention=False)
+    assert {"q_pos", "k_pos"} <= {n for n, _ in with_pos.named_parameters()}
+    assert not {"q_pos", "k_pos"} & {n for n, _ in plain.named_parameters()}
+    out = with_pos.eval()(x, y)
+    torch.testing.assert_close(out.keys[:, 0] - with_pos.w_k(out.features), with_pos.k_pos.expand(2, -1, -1))
+    ref = (out.queries @ out.keys.transpose(-1, -2) / TINY["d_key"] ** 0.5).softmax(-1)[:, 0]
+    torch.testing.assert_close(out.attn, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_ctc_weight_needs_a_ctc_head(tmp_path):
+    from fastdistill.textrec.config import ConfigError, load_config
+
+    cfg = os.path.join(os.path.dirname(__file__), "..", "configs", "textrec_demo.yaml")
+    base = [f"run.output_dir={tmp_path}"]
+    with pytest.raises(ConfigError, match=r"teacher\.ctc: got 0\.5 but the teacher model has ctc_head: false"):
+        load_config(cfg, [*base, "model.ctc_head=false", "distill.ctc=0"])
+    with pytest.raises(ConfigError, match=r"distill\.ctc: got 0\.5 but the student model"):
+        load_config(cfg, [*base, "student_model={ctc_head: false}"])
+    with pytest.raises(ConfigError, match=r"teacher\.ctc: got -1"):
+        load_config(cfg, [*base, "teacher.ctc=-1"])
+    assert load_config(cfg, [*base, "model.ctc_head=false", "teacher.ctc=0", "distill.ctc=0"])["teacher"]["ctc"] == 0
+
+
 def test_loss_config_rejects_bad_weights():
     with pytest.raises(ValueError, match="distill.hint=-1"):
         L.LossConfig(hint=-1)

@@ -27,6 +27,7 @@ SCHEDULE = {
     "warmup_steps": (_int, 50),
     "weight_decay": (_float, 0.0),
     "grad_clip": (_float, 5.0),
+    "ctc": (_float, 0.5),  # weight of the CTC loss on the encoder (joint CTC-attention); 0 = the attention CE only
 }
 
 SCHEMA: dict[str, Any] = {
@@ -50,6 +51,8 @@ SCHEMA: dict[str, Any] = {
         "d_key": (_int, 64),
         "d_hidden": (_int, 128),
         "d_embed": (_int, 32),
+        "position_attention": (_bool, True),
+        "ctc_head": (_bool, True),
     },
     "student_model": (_opt(_dict), None),  # overrides of `model` for the student; null: the teachers' size
     "teacher": SCHEDULE,
@@ -78,6 +81,8 @@ def validate(raw: dict) -> dict:
                 raise ConfigError(f"{section}.{key}: got {s[key]}; expected an integer >= 1")
         if not s["lr"] > 0:
             raise ConfigError(f"{section}.lr: got {s['lr']}; expected a number > 0")
+        if not s["ctc"] >= 0:
+            raise ConfigError(f"{section}.ctc: got {s['ctc']}; expected a number >= 0")
         if not 0 <= s["min_lr_ratio"] <= 1:
             raise ConfigError(f"{section}.min_lr_ratio: got {s['min_lr_ratio']}; expected a number in [0, 1]")
     for key in ("train_size", "test_size", "max_len"):
@@ -100,6 +105,12 @@ def validate(raw: dict) -> dict:
         model_config(cfg, "student")
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    for section, role in (("teacher", "teacher"), ("distill", "student")):
+        if cfg[section]["ctc"] > 0 and not model_config(cfg, role).ctc_head:
+            raise ConfigError(
+                f"{section}.ctc: got {cfg[section]['ctc']} but the {role} model has ctc_head: false; expected "
+                f"{section}.ctc: 0 or ctc_head: true"
+            )
     check_writable("run.output_dir", cfg["run"]["output_dir"])
     return cfg
 

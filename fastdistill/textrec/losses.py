@@ -62,6 +62,20 @@ def ce_loss(out: RecognizerOutput, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out.logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
 
+def ctc_loss(out: RecognizerOutput, targets: torch.Tensor) -> torch.Tensor:
+    """CTC of the encoder's per-position scores [B, L, V] on the words (class 0 = blank), mean per target character."""
+    if out.ctc_logits is None:
+        raise ValueError("the model has no CTC head (model.ctc_head: false); expected ctc: 0 for it")
+    lengths = (targets > 0).sum(1)  # the characters (the end symbol is 0, padding IGNORE < 0)
+    flat = targets[targets > 0]
+    x = out.ctc_logits
+    log_probs = (x.float() if x.dtype in (torch.float16, torch.bfloat16) else x).log_softmax(-1).transpose(0, 1)
+    L = torch.full((targets.shape[0],), log_probs.shape[0], dtype=torch.long)
+    return F.ctc_loss(log_probs, flat, L, lengths, blank=0, reduction="sum", zero_infinity=True) / lengths.sum().clamp(
+        min=1
+    )
+
+
 def attention_term(s: RecognizerOutput, t: RecognizerOutput, valid: torch.Tensor) -> torch.Tensor:
     """Attention-map distillation on the decoder's queries [B, 1, T, d_k] and keys [B, 1, L, d_k] of both models."""
     T, L = s.queries.shape[2], s.keys.shape[2]
@@ -98,7 +112,9 @@ def distill_terms(
 
 
 def _select(out: RecognizerOutput, idx: torch.Tensor) -> RecognizerOutput:
-    return RecognizerOutput(*(getattr(out, f)[idx] for f in RecognizerOutput.__dataclass_fields__))
+    return RecognizerOutput(
+        *(None if getattr(out, f) is None else getattr(out, f)[idx] for f in RecognizerOutput.__dataclass_fields__)
+    )
 
 
 def objective(

@@ -41,12 +41,17 @@ class RecognizerConfig:
     d_key: int = 64  # attention query / key width d_k
     d_hidden: int = 128  # decoder GRU state
     d_embed: int = 32  # character embedding
+    position_attention: bool = True  # learned step / position terms in the queries and keys (alignment prior)
+    ctc_head: bool = True  # a CTC classifier over the encoder positions (joint CTC-attention training)
     max_len: int = 10  # longest word; T = max_len + 1 steps (the end symbol)
     charset: str = D.CHARSET
 
     def __post_init__(self):
         if len(self.channels) != 4 or not all(isinstance(c, int) and c > 0 for c in self.channels):
             raise ValueError(f"channels={self.channels!r} is invalid; expected 4 positive integers (one per CNN stage)")
+        for name in ("position_attention", "ctc_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid; expected true or false")
         for name in ("d_model", "d_key", "d_hidden", "d_embed", "max_len"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -83,6 +88,7 @@ class RecognizerOutput:
     queries: torch.Tensor  # [B, 1, T, d_k]
     keys: torch.Tensor  # [B, 1, L, d_k]
     features: torch.Tensor  # [B, L, d]
+    ctc_logits: torch.Tensor | None = None  # [B, L, V] (class 0 = the CTC blank), when the model has a CTC head
 
 
 def _block(cin: int, cout: int, stride) -> list[nn.Module]:
@@ -112,6 +118,14 @@ class Recognizer(nn.Module):
         self.w_q = nn.Linear(c.d_hidden, c.d_key)
         self.w_k = nn.Linear(c.d_model, c.d_key)
         self.out = nn.Linear(c.d_hidden + c.d_model, c.num_classes)
+        if c.position_attention:
+            # q_t = W_q h_t + P_q[t], k_i = W_k F_i + P_k[i]: the decoder can learn "step t reads near position i"
+            # before it can read content, which lets the attention leave its uniform start in a few hundred steps
+            self.q_pos = nn.Parameter(torch.randn(c.steps, c.d_key) * 0.5)
+            self.k_pos = nn.Parameter(torch.randn(c.positions, c.d_key) * 0.5)
+        # joint CTC-attention (Kim et al. 2017): per-position character scores on F, a training signal that makes the
+        # encoder's features character-specific early; class 0 (the end symbol) is the CTC blank
+        self.ctc = nn.Linear(c.d_model, c.num_classes) if c.ctc_head else None
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() != 4 or images.shape[1:] != (1, D.HEIGHT, D.WIDTH):
@@ -121,9 +135,15 @@ class Recognizer(nn.Module):
             f = f + self.rnn(f)[0]
         return f + self.pos
 
-    def _step(self, prev: torch.Tensor, g_prev: torch.Tensor, h: torch.Tensor, keys: torch.Tensor, feat: torch.Tensor):
+    def _keys(self, feat: torch.Tensor) -> torch.Tensor:
+        keys = self.w_k(feat)
+        return keys + self.k_pos if self.config.position_attention else keys
+
+    def _step(self, t: int, prev, g_prev, h, keys, feat):
         h = self.gru(torch.cat([self.embed(prev), g_prev], -1), h)
         q = self.w_q(h)  # [B, d_k]
+        if self.config.position_attention:
+            q = q + self.q_pos[t]
         scores = torch.einsum("bk,blk->bl", q, keys) / math.sqrt(self.config.d_key)
         alpha = scores.softmax(-1)  # [B, L]
         g = torch.einsum("bl,bld->bd", alpha, feat)
@@ -135,31 +155,32 @@ class Recognizer(nn.Module):
         if targets.dim() != 2 or targets.shape[1] != c.steps or targets.shape[0] != images.shape[0]:
             raise ValueError(f"targets has shape {tuple(targets.shape)}; expected [{images.shape[0]}, {c.steps}]")
         feat = self.encode(images)
-        keys = self.w_k(feat)
+        keys = self._keys(feat)
         B = feat.shape[0]
         prev = torch.full((B,), c.num_classes, dtype=torch.long, device=feat.device)
         g = feat.new_zeros(B, c.d_model)
         h = feat.new_zeros(B, c.d_hidden)
         outs = []
         for t in range(c.steps):
-            h, q, alpha, g, logit = self._step(prev, g, h, keys, feat)
+            h, q, alpha, g, logit = self._step(t, prev, g, h, keys, feat)
             outs.append((q, alpha, g, logit))
             prev = targets[:, t].clamp(min=0)  # IGNORE -> end symbol (those steps are masked out of every loss)
         q, alpha, g, logits = (torch.stack(x, 1) for x in zip(*outs))
-        return RecognizerOutput(logits, g, alpha, q.unsqueeze(1), keys.unsqueeze(1), feat)
+        ctc = self.ctc(feat) if self.ctc is not None else None
+        return RecognizerOutput(logits, g, alpha, q.unsqueeze(1), keys.unsqueeze(1), feat, ctc)
 
     @torch.no_grad()
     def greedy(self, images: torch.Tensor) -> list[str]:
         c = self.config
         feat = self.encode(images)
-        keys = self.w_k(feat)
+        keys = self._keys(feat)
         B = feat.shape[0]
         prev = torch.full((B,), c.num_classes, dtype=torch.long, device=feat.device)
         g, h = feat.new_zeros(B, c.d_model), feat.new_zeros(B, c.d_hidden)
         ids = []
         done = torch.zeros(B, dtype=torch.bool, device=feat.device)
-        for _ in range(c.steps):
-            h, _, _, g, logit = self._step(prev, g, h, keys, feat)
+        for t in range(c.steps):
+            h, _, _, g, logit = self._step(t, prev, g, h, keys, feat)
             prev = logit.argmax(-1)
             ids.append(prev)
             done |= prev == EOS

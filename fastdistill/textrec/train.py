@@ -23,7 +23,7 @@ import torch
 
 from fastdistill.textrec import data as D
 from fastdistill.textrec.config import ConfigError, dump, loss_config, model_config
-from fastdistill.textrec.losses import TERMS, ce_loss, objective
+from fastdistill.textrec.losses import TERMS, ce_loss, ctc_loss, objective
 from fastdistill.textrec.model import Recognizer, RecognizerConfig, encode_targets
 
 CHECKPOINT, EXPORT = "checkpoint.pt", "model"
@@ -65,7 +65,9 @@ def load(folder: str, device: str | torch.device = "cpu") -> Recognizer:
         )
     with open(cfg_path) as f:
         meta = json.load(f)
-    model = Recognizer(RecognizerConfig(**meta["recognizer"]))
+    # exports from before these options existed: plain content attention, no CTC head
+    arch = {"position_attention": False, "ctc_head": False, **meta["recognizer"]}
+    model = Recognizer(RecognizerConfig(**arch))
     model.load_state_dict(torch.load(w_path, map_location="cpu", weights_only=True))
     return model.to(device).eval()
 
@@ -185,6 +187,10 @@ def fit(
             terms = {"ce": loss.item()}
         else:
             loss, terms = objective(out, targets, dom, images, teachers or {}, projections, loss_cfg)
+        if schedule["ctc"] > 0:
+            ctc = ctc_loss(out, targets)
+            loss = loss + schedule["ctc"] * ctc
+            terms["ctc"] = ctc.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, schedule["grad_clip"])
