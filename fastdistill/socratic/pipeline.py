@@ -310,10 +310,15 @@ def _lines(model, codec: Codec, contexts: list[str], max_new_tokens: int, ids: l
 
 
 @torch.no_grad()
-def direct_accuracy(model, codec: Codec, problems, shots, max_new_tokens: int = 12) -> float:
+def direct_accuracy(model, codec: Codec, problems, shots, max_new_tokens: int = 12) -> dict:
+    """``{"accuracy", "outputs"}``: the model's one-line final answers after the few-shot prompt, scored exactly."""
     contexts = [data_lib.few_shot_prompt(shots, p, direct=True) + "Final answer:" for p in problems]
     answers = _lines(model, codec, contexts, max_new_tokens, list(range(len(problems))))
-    return sum(data_lib.normalize_number(a) == p.answer for a, p in zip(answers, problems)) / max(len(problems), 1)
+    correct = [data_lib.normalize_number(a) == p.answer for a, p in zip(answers, problems)]
+    return {
+        "accuracy": sum(correct) / max(len(problems), 1),
+        "outputs": [{"final": a, "correct": c} for a, c in zip(answers, correct)],
+    }
 
 
 @torch.no_grad()
@@ -342,7 +347,13 @@ def socratic_accuracy(qg, answerer, codec: Codec, problems, max_steps: int = 5, 
     ctx = [_chain_context(p, qs[i], ans[i]) + "\nFinal answer:" for i, p in enumerate(problems)]
     finals = _lines(answerer, codec, ctx, 12, list(range(len(problems))))
     correct = [data_lib.normalize_number(f) == p.answer for f, p in zip(finals, problems)]
-    return {"accuracy": sum(correct) / max(len(problems), 1), "mean_steps": sum(map(len, qs)) / max(len(qs), 1)}
+    return {
+        "accuracy": sum(correct) / max(len(problems), 1),
+        "mean_steps": sum(map(len, qs)) / max(len(qs), 1),
+        "outputs": [
+            {"questions": q, "answers": a, "final": f, "correct": c} for q, a, f, c in zip(qs, ans, finals, correct)
+        ],
+    }
 
 
 def _chain_context(p, qs: list[str], ans: list[str]) -> str:
@@ -373,22 +384,33 @@ def evaluate(cfg: dict) -> dict:
     table = [
         {"system": "teacher, direct answer (few-shot)", "accuracy": summary["teacher_direct_accuracy"]},
         {"system": "teacher, its own decomposition", "accuracy": summary["teacher_decomposition_accuracy"]},
-        {"system": "student before distillation, direct", "accuracy": direct_accuracy(base, codec, test, shots)},
+        {"system": "student before distillation, direct", **direct_accuracy(base, codec, test, shots)},
     ]
     load = lambda name: AutoModelForCausalLM.from_pretrained(os.path.join(out, "students", name, "student")).eval()  # noqa: E731
     if os.path.isdir(os.path.join(out, "students", "direct", "student")):
         table.append(
             {
                 "system": "student trained on direct answers",
-                "accuracy": direct_accuracy(load("direct"), codec, test, shots),
+                **direct_accuracy(load("direct"), codec, test, shots),
             }
         )
     if all(os.path.isdir(os.path.join(out, "students", n, "student")) for n in ("qg", "answerer")):
         res = socratic_accuracy(load("qg"), load("answerer"), codec, test)
         table.append({"system": "Socratic pair (question generator + answerer)", **res})
+    # every student's output per test problem (eval_outputs.json); eval.json keeps the accuracies
+    outputs = {
+        r["system"]: [
+            {"problem": p.question, "answer": p.answer, **o} for p, o in zip(test, r.pop("outputs"))
+        ]
+        for r in table
+        if "outputs" in r
+    }
     result = {**summary, "table": table}
-    with open(os.path.join(out, "eval.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    for name, obj in (("eval_outputs.json", outputs), ("eval.json", result)):
+        tmp = os.path.join(out, f"{name}.tmp{os.getpid()}")
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, os.path.join(out, name))
     lines = ["| system | accuracy |", "|---|---:|"] + [f"| {r['system']} | {r['accuracy']:.3f} |" for r in table]
     lines.append(
         f"\ntest problems: {len(test)}; teacher chains kept {summary['train_chains_kept']} of "
