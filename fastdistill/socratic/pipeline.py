@@ -399,9 +399,7 @@ def evaluate(cfg: dict) -> dict:
         table.append({"system": "Socratic pair (question generator + answerer)", **res})
     # every student's output per test problem (eval_outputs.json); eval.json keeps the accuracies
     outputs = {
-        r["system"]: [
-            {"problem": p.question, "answer": p.answer, **o} for p, o in zip(test, r.pop("outputs"))
-        ]
+        r["system"]: [{"problem": p.question, "answer": p.answer, **o} for p, o in zip(test, r.pop("outputs"))]
         for r in table
         if "outputs" in r
     }
