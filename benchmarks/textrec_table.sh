@@ -2,8 +2,8 @@
 # The README's "Text is Text" table: both teachers, the CE-only union student, the distilled student and the four
 # ablations (each distillation term dropped in turn), then the held-out-font evaluation of all of them.
 #   bash benchmarks/textrec_table.sh [CONFIG] [key=value ...]      (default configs/textrec.yaml)
-# Teachers run side by side, then the students PAR at a time (default: the number of cores), one thread each; every stage resumes from its
-# checkpoint when rerun.
+# Teachers run side by side, then the students PAR at a time (default: the number of cores), one thread each;
+# every stage resumes from its checkpoint when rerun.
 set -euo pipefail
 CONFIG=${1:-configs/textrec.yaml}; shift || true
 PAR=${PAR:-$(nproc)}
