@@ -522,8 +522,8 @@ def serve_teacher(cfg: dict, plan: PoolPlan) -> dict:
 
     start = plan.committed()
     ga = cfg_ga(plan)
-    max_steps, save_every = cfg["schedule"]["max_steps"], cfg["schedule"]["save_every"]
-    pending = [s for s in range(start + 1, max_steps + 1) if (save_every and s % save_every == 0) or s == max_steps]
+    max_steps = cfg["schedule"]["max_steps"]
+    pending = reported_steps(cfg, start)
     kill = fault_hook("teacher", rank)
     reports = post_reports(plan, pending) if rank == 0 else {}
     forwards, t_fwd, t_send, bytes_sent = 0, 0.0, 0.0, 0
@@ -617,6 +617,18 @@ def serve_teacher(cfg: dict, plan: PoolPlan) -> dict:
 
 def cfg_ga(plan: PoolPlan) -> int:
     return next(iter(plan.students.values()))["config"]["student"]["deepspeed"]["gradient_accumulation_steps"]
+
+
+def reported_steps(cfg: dict, start: int) -> list[int]:
+    """The steps after ``start`` at which every student pool saves a checkpoint and reports it, so the ones the
+    teacher pool commits: the recipe's rule, every ``schedule.save_every`` steps before the last, and the last step
+    only with ``run.final_checkpoint`` (without it no pool reports the last step, and waiting for that report would
+    end the run in a bridge timeout). ``run`` and ``schedule`` are the same in every pool."""
+    max_steps, every = cfg["schedule"]["max_steps"], cfg["schedule"]["save_every"]
+    steps = [s for s in range(start + 1, max_steps) if every and s % every == 0]
+    if cfg["run"]["final_checkpoint"] and start < max_steps:
+        steps.append(max_steps)
+    return steps
 
 
 def post_reports(plan: PoolPlan, steps: list[int]) -> dict:
