@@ -26,6 +26,7 @@ import pytest
 import yaml
 from _launch import REPO, check, finish, launched, metrics, output, start  # noqa: E402
 from _launch import launch as launch_module  # noqa: E402
+from conftest import assert_one_line_error
 
 from fastdistill.train import pools_onpolicy
 from fastdistill.train.config import ConfigError, load_config, validate
@@ -94,10 +95,7 @@ def test_config_errors_name_the_key(case):
     change(c)
     with pytest.raises(ConfigError) as err:
         validate(c)
-    msg = str(err.value)
-    assert "\n" not in msg
-    for w in words:
-        assert w in msg, (w, msg)
+    assert_one_line_error(str(err.value), words)
 
 
 # ---------------------------------------------------------------------------------------------------------------
