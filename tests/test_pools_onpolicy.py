@@ -65,11 +65,6 @@ def _pool(c: dict, i: int) -> dict:
 
 ERRORS = [
     (
-        "seq_kd",
-        lambda c: c["onpolicy"].update(seq_kd=True),
-        ["pools.students[0].onpolicy.seq_kd", "got true", "does not generate", "expected false"],
-    ),
-    (
         "too_long_for_the_teacher",
         lambda c: _pool(c, 1)["onpolicy"].update(max_new_tokens=200),
         ["pools.students[1].onpolicy.max_new_tokens", "got 200", "max_position_embeddings=128", "<= 120"],
