@@ -51,8 +51,7 @@ def main() -> None:
         out = os.path.join(tmp, mode)
         outs[mode] = out
         base = ["--config", config, f"run.output_dir={out}", "logging.progress_bar=false"]
-        # the final checkpoint stays on: the teacher pool waits for every pool's report of the last step
-        base += [f"schedule.max_steps={args.steps}", "schedule.save_every=0"]
+        base += [f"schedule.max_steps={args.steps}", "schedule.save_every=0", "run.final_checkpoint=false"]
         procs.append(_launch.start(_launch.deepspeed_cmd("fastdistill.train", base, n)))
     for r in _launch.finish(procs, timeout=3600):
         if r.returncode:

@@ -36,13 +36,6 @@ STRESS_SEEDS = int(os.environ.get("FASTDISTILL_STRESS_SEEDS", "0") or 0)
 TORCH_ERROR_FACTOR = 2.0
 
 
-def known_precision_defect(reason: str):
-    """Mark a case whose result is measured to be further from float64 than the suite's factor allows: a real defect,
-    kept visible (xfail in the report, counted by ``make test-stress``) instead of hidden by a looser tolerance.
-    Non-strict, because whether one seed crosses the bound depends on its inputs; remove the mark with the fix."""
-    return pytest.mark.xfail(strict=False, reason=f"known precision defect: {reason}")
-
-
 def pytest_configure(config):
     config.addinivalue_line("markers", "cpu_only: runs only on the CPU (skipped by make gpu-check)")
     config.addinivalue_line("markers", "slow: long-running (multi-process, real models)")
@@ -167,6 +160,16 @@ def assert_close(got, want, *, msg: str | None = None, **tolerances) -> None:
         torch.testing.assert_close(got, want, msg=lambda report: f"{msg}: {report}", **tolerances)
     else:
         torch.testing.assert_close(got, want, **tolerances)
+
+
+# --------------------------------------------------------------------------------------------------- user errors
+def assert_one_line_error(msg: str, words, *, start: str = "") -> None:
+    """A user-facing error (a ``ConfigError``'s text, or what the CLI printed): one line, beginning with ``start``,
+    that contains each of ``words`` (the key, what was given, what was expected)."""
+    assert "\n" not in msg, msg
+    assert msg.startswith(start), (start, msg)
+    for w in words:
+        assert w in msg, (w, msg)
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ import yaml
 from _launch import REPO, check, finish, launched, metrics, output, start  # noqa: E402
 from _launch import launch as launch_module  # noqa: E402
 from _launch import launch_nodes as launch_nodes_module  # noqa: E402
+from conftest import assert_one_line_error
 
 from fastdistill.train import bridge, pools
 from fastdistill.train import targets as tg
@@ -109,10 +110,23 @@ def test_pool_config_errors_name_the_key(case):
     change(raw)
     with pytest.raises(ConfigError) as err:
         validate(raw)
-    msg = str(err.value)
-    assert "\n" not in msg
-    for w in words:
-        assert w in msg, (w, msg)
+    assert_one_line_error(str(err.value), words)
+
+
+@pytest.mark.parametrize("final", [True, False], ids=["final_checkpoint", "no_final_checkpoint"])
+def test_the_teacher_commits_only_the_steps_every_pool_saves(final):
+    """The student pools save (and report) every ``save_every`` steps before the last, and the last step only with
+    ``run.final_checkpoint``; the teacher pool waits for those reports and no others (a report it waited for in vain
+    ended a run without a final checkpoint in a bridge timeout)."""
+    raw = tiny_raw()
+    raw["run"]["final_checkpoint"] = final
+    raw["schedule"].update(max_steps=6, save_every=3)
+    cfg = validate(raw)
+    assert pools.reported_steps(cfg, 0) == ([3, 6] if final else [3])
+    assert pools.reported_steps(cfg, 3) == ([6] if final else [])
+    assert pools.reported_steps(cfg, 6) == []  # resumed at the end: nothing left to save
+    raw["schedule"].update(max_steps=7, save_every=0)
+    assert pools.reported_steps(validate(raw), 2) == ([7] if final else [])
 
 
 def test_rank_plan_by_count_and_by_node():
@@ -231,10 +245,12 @@ def launch(out: str, *overrides: str, env: dict | None = None) -> subprocess.Com
     return launch_module("fastdistill.train", [*common(out), *overrides], 4, env, TIMEOUT)
 
 
-def launch_two_nodes(out: str, hostfile: str, env: dict | None = None) -> list[subprocess.CompletedProcess]:
+def launch_two_nodes(
+    out: str, hostfile: str, *overrides: str, env: dict | None = None
+) -> list[subprocess.CompletedProcess]:
     """``deepspeed --hostfile H --no_ssh --node_rank R`` once per 'node' (2 slots each): the teacher pool's 2 ranks
     are node 0, the two student pools node 1."""
-    return launch_nodes_module("fastdistill.train", common(out), hostfile, env, TIMEOUT)
+    return launch_nodes_module("fastdistill.train", [*common(out), *overrides], hostfile, env, TIMEOUT)
 
 
 def trajectory(folder: str) -> dict[int, dict[str, float]]:
@@ -373,7 +389,9 @@ def test_two_nodes_student_killed_then_resumed_on_the_same_trajectory(colocated,
     checkpoint (checkpoints at 3 and 6): node 0 has no launcher-side view of node 1, its ranks stop through the bridge
     and the watchdog; the resumed run continues from the committed step 3 and follows the uninterrupted single-node
     trajectory. (Step 3 is committed once every pool saved it: the slowest pool is at most ``ring`` steps behind the
-    teacher, so a pool dying at step >= 3 + ring + 1 finds step 3 saved everywhere.)"""
+    teacher, so a pool dying at step >= 3 + ring + 1 finds step 3 saved everywhere.) The resumed run ends without a
+    final checkpoint (``run.final_checkpoint: false``): every rank still exits 0, each pool writes its summary and
+    exports its student, and the commit stays at step 3 (the teacher pool waits for no report of step 6)."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=2\nnode1 slots=2\n")
     out = str(tmp_path / "two_nodes")
@@ -385,13 +403,15 @@ def test_two_nodes_student_killed_then_resumed_on_the_same_trajectory(colocated,
     stopped_after = max(r.ended_at for r in killed) - killed_at
     assert stopped_after < DEAD_AFTER_S + 50, stopped_after  # pools.timeout_s is 300 in pools_tiny.yaml
     assert json.load(open(os.path.join(out, pools.COMMIT)))["step"] == 3
-    for r in launch_two_nodes(out, str(hostfile)):
+    for r in launch_two_nodes(out, str(hostfile), "run.final_checkpoint=false"):
         check(r)
     for pool in ("llama2l", "qwen1l"):
         summary = json.load(open(os.path.join(out, pool, "summary.json")))
         assert summary["start_step"] == 3 and summary["steps"] == 6
         assert_same_trajectory(trajectory(os.path.join(out, pool)), trajectory(colocated[pool]))
+        assert os.path.isfile(os.path.join(out, pool, "student", "config.json"))
     assert json.load(open(os.path.join(out, "teacher", "summary.json")))["teacher_forwards"] == 3
+    assert json.load(open(os.path.join(out, pools.COMMIT)))["step"] == 3
 
 
 @launched

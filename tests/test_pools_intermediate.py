@@ -20,6 +20,7 @@ import torch
 import yaml
 from _launch import REPO, check, finish, launched, metrics, start  # noqa: E402
 from _launch import launch as launch_module  # noqa: E402
+from conftest import assert_one_line_error
 
 from fastdistill.train import bridge, models, pools, pools_intermediate
 from fastdistill.train.config import ConfigError, validate
@@ -157,10 +158,7 @@ def test_a_layer_the_teacher_lacks_is_a_config_error_naming_the_key(case):
     students = {s["name"]: s for s in cfg["pools"]["students"]}
     with pytest.raises(ConfigError) as err:
         pools_intermediate.TeacherIntermediates(students, tiny_teacher(cfg), torch.float32, 32)
-    msg = str(err.value)
-    assert msg.startswith("pools.students[0].losses[2].layer_map: ") and "\n" not in msg
-    for w in words:
-        assert w in msg, (w, msg)
+    assert_one_line_error(str(err.value), words, start="pools.students[0].losses[2].layer_map: ")
 
 
 def test_attention_on_a_teacher_without_known_attention_is_a_config_error():

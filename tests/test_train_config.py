@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 import yaml
+from conftest import assert_one_line_error
 
 from fastdistill.train import data as data_lib
 from fastdistill.train.cli import main as train_main
@@ -89,10 +90,7 @@ CASES = [
 def test_config_errors_name_the_key(change, words):
     with pytest.raises(ConfigError) as e:
         validate(change(minimal()))
-    msg = str(e.value)
-    assert "\n" not in msg
-    for w in words:
-        assert w in msg, (w, msg)
+    assert_one_line_error(str(e.value), words)
 
 
 def test_cli_reports_one_line_and_exit_code_2(tmp_path, capsys):

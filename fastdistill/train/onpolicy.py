@@ -50,6 +50,7 @@ PROMPTS = ("packed", "dataset")
 # the loss a run with `onpolicy` gets when it names none: generalized JSD, beta 0.5 (TRL's GKDTrainer)
 DEFAULT_LOSSES = [{"type": "logit_kd", "weight": 1.0, "divergence": "jsd", "beta": 0.5, "temperature": 1.0}]
 STATE_FILE = "onpolicy_rank{rank}.pt"
+TEACHER_SALT = 1  # the teacher's sampling stream (seq_kd) next to the student's (salt 0)
 
 
 def _is_int(x) -> bool:
@@ -192,6 +193,9 @@ class OnPolicy:
         self.buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.calls = self.gathers = 0  # generation calls; calls that all-gathered a ZeRO-3 model
         self.last_kind = "data"
+        # with pools: the teacher pool samples a seq_kd step's completions, this callable receives them
+        # (fastdistill.train.pools_onpolicy.StudentScoring)
+        self.remote_teacher = None
         self._reset_stats()
         longest = (self.o["prompt_tokens"] or cfg["data"]["seq_len"]) + self.o["max_new_tokens"]
         for who, model in (("student", student), ("teacher", teacher)):
@@ -221,20 +225,26 @@ class OnPolicy:
                     del self.buffer[: -o["replay_capacity"]]
         elif o["seq_kd"]:
             self.last_kind = "teacher"
-            out = self._generate(self.teacher, input_ids, labels, k, salt=1)
+            out = self._generate(self.teacher, input_ids, labels, k, salt=TEACHER_SALT, remote=self.remote_teacher)
         else:
             self.last_kind = "data"
             return input_ids, labels
         self.stats[self.last_kind] += 1
         return out
 
-    def _generate(self, model, input_ids, labels, k: int, salt: int):
+    def prompts(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[list[list[int]], list[bool]]:
+        """Each row's prompt tokens, and whether the row is real (not batch padding)."""
+        lengths = prompt_lengths(input_ids, labels, self.o)
+        real = [bool((row != IGNORE_INDEX).any()) for row in labels]
+        return [input_ids[i, :n].tolist() for i, n in enumerate(lengths)], real
+
+    def sample(self, model, prompts: list[list[int]], k: int, salt: int) -> list[list[int]]:
+        """The completions ``model`` samples for this rank's ``prompts`` of micro step ``k`` (salt 0: the student's
+        stream, ``TEACHER_SALT``: the teacher's). Each row has its own generator, seeded by its global row id, so the
+        rows of a step come out the same however the ranks split them."""
         from fastdistill.generate.core import SamplingConfig, is_sharded, sample, unsharded
 
         o = self.o
-        lengths = prompt_lengths(input_ids, labels, o)
-        real = [bool((row != IGNORE_INDEX).any()) for row in labels]
-        prompts = [input_ids[i, :n].tolist() for i, n in enumerate(lengths)]
         first = (k * self.world + self.rank) * self.mb  # a global row id: each row of each step its own generator
         sampling = SamplingConfig(
             temperature=o["temperature"],
@@ -242,13 +252,19 @@ class OnPolicy:
             max_new_tokens=o["max_new_tokens"],
             seed=self.seed * 2 + salt,  # student and teacher samples from different streams
         )
-        t0 = time.perf_counter()
         with _eval(model), unsharded(model) as m:  # ZeRO-3: one all-gather for the whole call, every rank
             samples = sample(m, self.codec, prompts, list(range(first, first + len(prompts))), sampling, self.eos)
-        self.stats["generate_s"] += time.perf_counter() - t0
         self.calls += 1
         self.gathers += int(is_sharded(model))
-        completions = [g[0].token_ids for g in samples]
+        return [g[0].token_ids for g in samples]
+
+    def _generate(self, model, input_ids, labels, k: int, salt: int, remote=None):
+        """(input_ids, labels) of prompt + completion rows: sampled here by ``model``, or, with ``remote``, taken from
+        ``remote(k, prompts)`` (with pools, the teacher pool's own samples for a ``seq_kd`` step)."""
+        prompts, real = self.prompts(input_ids, labels)
+        t0 = time.perf_counter()
+        completions = remote(k, prompts) if remote is not None else self.sample(model, prompts, k, salt)
+        self.stats["generate_s"] += time.perf_counter() - t0
         n = sum(len(c) for c, r in zip(completions, real) if r)
         self.stats["tokens"] += n
         self.stats["rows"] += sum(real)

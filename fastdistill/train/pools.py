@@ -347,8 +347,8 @@ class PoolPlan:
         self.onpolicy = pools_onpolicy.StudentScoring(self, stage)
 
     def _post(self, m: int) -> None:
-        scored = self.onpolicy is not None and self.onpolicy.scored(m)
-        bufs = [(src, lay, lay.empty()) for src, lay in (self.onpolicy.pieces if scored else self.pieces)]
+        pieces = self.onpolicy.pieces_for(m) if self.onpolicy is not None else None
+        bufs = [(src, lay, lay.empty()) for src, lay in (self.pieces if pieces is None else pieces)]
         works = [self.bridge.irecv(buf, src, TAG_RECORD) for src, _, buf in bufs]
         self.slots.append((m, bufs, works))
 
@@ -466,7 +466,7 @@ def serve_teacher(cfg: dict, plan: PoolPlan) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     tcfg = copy.deepcopy(cfg)
     tcfg["student"]["deepspeed"]["micro_batch_size"] = plan.teacher_mb
-    _, train_seqs, _ = recipe.prepare_data(tcfg, rank)
+    tokenizer, train_seqs, _ = recipe.prepare_data(tcfg, rank)
     from fastdistill.train import data as data_lib
 
     sampler = data_lib.Sampler(train_seqs, plan.teacher_mb, rank, world, cfg["run"]["seed"])
@@ -513,7 +513,8 @@ def serve_teacher(cfg: dict, plan: PoolPlan) -> dict:
         payload = plan.students[name]["payload"]
         dests.append((g, name, payload, lo, hi, plan.record_layout(name, hi - lo, meta)))
     in_flight = {g: collections.deque() for g, *_ in dests}
-    scoring = pools_onpolicy.TeacherScoring(plan, teacher, weight, meta, in_flight)  # the pools with `onpolicy`
+    # the pools with `onpolicy`: scoring their own sequences, and sampling (then scoring) the seq_kd ones' steps
+    scoring = pools_onpolicy.TeacherScoring(plan, teacher, weight, meta, in_flight, teacher_model, sampler, tokenizer)
     need_topk = {(topk[n], temps[n]) for _, n, p, *_ in dests if p == "topk"}
     # every teacher rank runs the gathered-lm_head top-k (a pool collective) the same number of times
     all_need = [None] * world
@@ -522,8 +523,8 @@ def serve_teacher(cfg: dict, plan: PoolPlan) -> dict:
 
     start = plan.committed()
     ga = cfg_ga(plan)
-    max_steps, save_every = cfg["schedule"]["max_steps"], cfg["schedule"]["save_every"]
-    pending = [s for s in range(start + 1, max_steps + 1) if (save_every and s % save_every == 0) or s == max_steps]
+    max_steps = cfg["schedule"]["max_steps"]
+    pending = reported_steps(cfg, start)
     kill = fault_hook("teacher", rank)
     reports = post_reports(plan, pending) if rank == 0 else {}
     forwards, t_fwd, t_send, bytes_sent = 0, 0.0, 0.0, 0
@@ -552,7 +553,7 @@ def serve_teacher(cfg: dict, plan: PoolPlan) -> dict:
             t1 = time.perf_counter()
             step_tensor = torch.tensor([m], dtype=torch.int64)
             for g, name, payload, lo, hi, lay in dests:
-                if scoring.scored(name, m):  # this pool sends its own sequences at m
+                if not scoring.takes_data(name, m):  # this pool trains on its own or the teacher's samples at m
                     continue
                 fields = {"step": step_tensor, "input_ids": input_ids[lo:hi], "labels": labels[lo:hi]}
                 if payload == "hidden":
@@ -568,7 +569,8 @@ def serve_teacher(cfg: dict, plan: PoolPlan) -> dict:
             del hidden, records, states
             t_send += time.perf_counter() - t1
             t_fwd += t1 - t0
-        forwards += scoring.score(m)  # one forward per pool whose micro step m is on-policy, on its own sequences
+        # one forward per pool whose micro step m is on-policy (its own sequences) or seq_kd (the teacher's samples)
+        forwards += scoring.score(m)
         step = (m + 1) // ga if (m + 1) % ga == 0 else None
         if step is not None:
             while rank == 0 and pending and pending[0] + plan.ring <= step:
@@ -591,7 +593,7 @@ def serve_teacher(cfg: dict, plan: PoolPlan) -> dict:
         "send_seconds": t_send,
         "loop_seconds": loop_s,
         "loop_cpu_seconds": loop_cpu_s,  # this rank's CPU time in the loop (the teacher's cost, whatever the load)
-        "busy_fraction": (t_fwd + scoring.seconds) / max(loop_s, 1e-9),
+        "busy_fraction": (t_fwd + scoring.seconds + scoring.generate_s) / max(loop_s, 1e-9),
         "bytes_sent": bytes_sent,
         "teacher_param_bytes_per_rank": all_mem,
         "wall_seconds": time.time() - t_start,
@@ -617,6 +619,18 @@ def serve_teacher(cfg: dict, plan: PoolPlan) -> dict:
 
 def cfg_ga(plan: PoolPlan) -> int:
     return next(iter(plan.students.values()))["config"]["student"]["deepspeed"]["gradient_accumulation_steps"]
+
+
+def reported_steps(cfg: dict, start: int) -> list[int]:
+    """The steps after ``start`` at which every student pool saves a checkpoint and reports it, so the ones the
+    teacher pool commits: the recipe's rule, every ``schedule.save_every`` steps before the last, and the last step
+    only with ``run.final_checkpoint`` (without it no pool reports the last step, and waiting for that report would
+    end the run in a bridge timeout). ``run`` and ``schedule`` are the same in every pool."""
+    max_steps, every = cfg["schedule"]["max_steps"], cfg["schedule"]["save_every"]
+    steps = [s for s in range(start + 1, max_steps) if every and s % every == 0]
+    if cfg["run"]["final_checkpoint"] and start < max_steps:
+        steps.append(max_steps)
+    return steps
 
 
 def post_reports(plan: PoolPlan, steps: list[int]) -> dict:
