@@ -114,7 +114,7 @@ def train_student(
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         history.append(total / len(texts))
         log(f"student epoch {epoch + 1}/{epochs}: distill loss {history[-1]:.4f} ({time.time() - t0:.1f} s)")
     model.eval()
