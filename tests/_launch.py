@@ -198,6 +198,16 @@ def metrics(folder: str, keys: tuple[str, ...] = ("train/loss", "train/kd", "tra
         }
 
 
+def assert_same_trajectory(got: dict, ref: dict, steps: int) -> None:
+    """Two ``metrics`` results (a pool's run and its colocated reference) have the same steps 1..``steps``, the same
+    keys per step, and every value equal to rel 1e-6 (the pools tests' one trajectory check)."""
+    assert sorted(got) == sorted(ref) == list(range(1, steps + 1))
+    for step in ref:
+        assert set(got[step]) == set(ref[step]), (step, got[step], ref[step])
+        for k in ref[step]:
+            assert got[step][k] == pytest.approx(ref[step][k], rel=1e-6, abs=1e-7), (step, k, got[step], ref[step])
+
+
 def losses(folder: str) -> dict[int, float]:
     """``{step: train/loss}`` of ``folder/metrics.csv``."""
     return {step: row["train/loss"] for step, row in metrics(folder, ("train/loss",)).items()}

@@ -24,7 +24,7 @@ import sys
 import _launch  # noqa: E402
 import pytest
 import yaml
-from _launch import REPO, check, finish, launched, metrics, output, start  # noqa: E402
+from _launch import REPO, assert_same_trajectory, check, finish, launched, metrics, output, start  # noqa: E402
 from _launch import launch as launch_module  # noqa: E402
 from conftest import assert_one_line_error
 
@@ -136,11 +136,7 @@ def runs(tmp_path_factory) -> dict[str, str]:
 @pytest.mark.parametrize("pool", ["onh", "ont"], ids=["hidden_fraction1", "topk_fraction0.5_replay"])
 def test_each_pool_follows_its_colocated_onpolicy_trajectory_through_kill_and_resume(runs, pool):
     got, ref = metrics(os.path.join(runs["pools"], pool), KEYS), metrics(runs[pool], KEYS)
-    assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
-    for step in ref:
-        assert set(got[step]) == set(ref[step]), (step, got[step], ref[step])
-        for k in ref[step]:
-            assert got[step][k] == pytest.approx(ref[step][k], rel=1e-6, abs=1e-7), (step, k, got[step], ref[step])
+    assert_same_trajectory(got, ref, STEPS)
     summary = json.load(open(os.path.join(runs["pools"], pool, "summary.json")))
     assert summary["start_step"] == 3 and summary["steps"] == STEPS and summary["teacher_records_received"] == 3
     assert 0 < summary["onpolicy_mean_completion_len"] <= 6 and 0 <= summary["wait_fraction"] <= 1

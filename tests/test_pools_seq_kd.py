@@ -19,7 +19,7 @@ import sys
 import _launch  # noqa: E402
 import pytest
 import yaml
-from _launch import REPO, check, deepspeed_cmd, finish, launched, metrics, start  # noqa: E402
+from _launch import REPO, assert_same_trajectory, check, deepspeed_cmd, finish, launched, metrics, start  # noqa: E402
 
 from fastdistill.train import pools_onpolicy
 from fastdistill.train.config import load_config
@@ -74,11 +74,7 @@ def teacher_steps(cfg: dict, pool: int) -> list[int]:
 @pytest.mark.parametrize("pool", ["onh", "ont"], ids=["hidden_fraction0.5", "topk_fraction0"])
 def test_each_pool_follows_its_colocated_seq_kd_trajectory(runs, pool):
     got, ref = metrics(os.path.join(runs["pools"], pool), KEYS), metrics(runs[pool], KEYS)
-    assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
-    for step in ref:
-        assert set(got[step]) == set(ref[step]), (step, got[step], ref[step])
-        for k in ref[step]:
-            assert got[step][k] == pytest.approx(ref[step][k], rel=1e-6, abs=1e-7), (step, k, got[step], ref[step])
+    assert_same_trajectory(got, ref, STEPS)
     kinds = [(got[s]["onpolicy/student_batches"], got[s]["onpolicy/teacher_batches"]) for s in sorted(got)]
     if pool == "onh":  # both kinds of step within the run (seed 0): the teacher's samples, then its own
         assert kinds == [(0.0, 1.0), (0.0, 1.0), (1.0, 0.0), (1.0, 0.0)], kinds
