@@ -143,6 +143,50 @@ def test_continuation_logprobs_single_and_multi_token(model):
         assert single[i, 0].item() == pytest.approx(got[i, 0].item(), abs=1e-4)
 
 
+def test_continuation_logprobs_shares_the_prefix(model):
+    """Rows that start alike (one prompt, N chains) run their common prefix once: the same log-probs as whole rows."""
+    head = list(b"Q: what is the sentiment here?\nA:")
+    contexts = [head + list(t) for t in (b" good", b" it is bad.", b" meh", b"!")]
+    ref_model = transformers.AutoModelForCausalLM.from_config(model.config).double().eval()
+    ref_model.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    widths = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        for conts in ([[65], [66]], [[65], [66, 67, 68]]):
+            widths.clear()
+            shared = continuation_logprobs(model, contexts, conts, batch_size=8)
+            longest = max(map(len, contexts)) + (0 if len(conts[1]) == 1 else max(map(len, conts)))  # one pass each
+            # one forward of the prefix (the head, less what the shortest row needs for its scored positions), then
+            # one of the rows' own tokens
+            assert 8 <= widths[0] <= len(head) and len(widths) == 2 and sum(widths) == longest, widths
+            widths.clear()
+            whole = continuation_logprobs(model, contexts, conts, batch_size=8, share_prefix=False)
+            assert min(widths) > len(head)
+            with torch.no_grad():
+                want = continuation_logprobs(ref_model, contexts, conts, batch_size=8, share_prefix=False)
+            f32_err = (whole - want).abs().max().item()
+            torch.testing.assert_close(shared, want, atol=4 * max(f32_err, 1e-6), rtol=0)
+    finally:
+        hook.remove()
+
+
+def test_nucleus_equals_the_full_sort(request):
+    from fastdistill.generate.core import _nucleus
+
+    g = torch.Generator().manual_seed(seed_of(request))
+    logits = torch.randn(64, 300, generator=g) * torch.linspace(0.05, 8.0, 64)[:, None]  # flat to peaked rows
+    probs = torch.softmax(logits, -1)
+    for top_p in (0.05, 0.5, 0.9, 0.99):
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        want = torch.zeros_like(probs).scatter_(-1, order, sorted_p * (sorted_p.cumsum(-1) - sorted_p < top_p))
+        for k in (1, 4, 32, 300):
+            got = _nucleus(probs, top_p, k)
+            assert torch.equal(got, want), f"top_p={top_p} k={k}"
+    narrow = _nucleus(probs, 0.5, 4)  # both paths were taken: some rows' nucleus fits in 4 tokens, some do not
+    fits = probs.topk(4, -1).values.sum(-1) >= 0.5
+    assert bool(fits.any()) and bool((~fits).any()) and torch.equal(narrow, _nucleus(probs, 0.5, 300))
+
+
 def test_template_and_file_errors(tmp_path):
     with pytest.raises(PromptError, match=r"lacks the placeholder\(s\) \{sentence\}"):
         check_template("Rate this: {text}", ["sentence"], "task.template")

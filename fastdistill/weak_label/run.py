@@ -129,14 +129,15 @@ def run(cfg: dict) -> dict:
         """Verbalizer log-probs after every chain, and the direct (no chain) answer, with timings per prompt."""
         t0 = time.perf_counter()
         contexts = [c for p, g in zip(batch, results) for c in answer_contexts(codec, task, p, [s.text for s in g])]
-        lp = continuation_logprobs(m, contexts, verbalizers).tolist()
+        per = len(contexts) // len(batch)
+        # one prompt's chains per forward when there are enough of them: their prompt is run once (shared prefix)
+        lp = continuation_logprobs(m, contexts, verbalizers, batch_size=per if per >= 4 else 16).tolist()
         t1 = time.perf_counter()
         if task.chain_of_thought:
             direct = continuation_logprobs(m, [direct_template[p.id] for p in batch], verbalizers).tolist()
         else:  # the one context per prompt already is the direct answer
             direct = lp
         t2 = time.perf_counter()
-        per = len(contexts) // len(batch)
         return [
             {
                 "label_logprobs": lp[i * per : (i + 1) * per],
