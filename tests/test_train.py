@@ -90,6 +90,40 @@ def test_exported_student_loads_with_plain_transformers(zero3_run):
     assert logits.shape == (2, 16, 256) and torch.isfinite(logits).all()
 
 
+def test_export_writes_the_weights_of_flat_buffer_views(tmp_path):
+    """ZeRO 1/2 keep the parameters as views into one flat buffer: the export writes them without a copy of the
+    model, every trained weight as it is, and a tied lm_head stays tied."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from fastdistill.train.recipe import export_student
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg)
+    params = list(model.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    at = 0
+    for p in params:  # what DeepSpeed's ZeRO 1/2 do with the trained parameters
+        p.data = flat[at : at + p.numel()].view_as(p)
+        at += p.numel()
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        export_student(SimpleNamespace(module=SimpleNamespace(model=model)), None, str(tmp_path / "student"), 0)
+    finally:
+        dist.destroy_process_group()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "student"))
+    want = model.state_dict()
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, want[name]), name
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+
 def test_stage0_teacher_gives_the_same_trajectory(zero3_run, teacher_dir, tmp_path):
     out = str(tmp_path / "stage0")
     check(launch(out, teacher_dir, "teacher.deepspeed.stage=0", "schedule.save_every=0"))

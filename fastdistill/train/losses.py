@@ -19,7 +19,7 @@ from fastdistill import reference
 from fastdistill.train.data import IGNORE_INDEX
 from fastdistill.train.targets import TopKTargets, topk_from_hidden
 
-EVAL_CHUNK = 1024  # rows per matmul when computing the evaluation NLL (bounds the [rows x vocab] temporary)
+EVAL_CHUNK_BYTES = 32 << 20  # the [rows x vocab] float32 logits of one evaluation-NLL chunk (its temporaries alike)
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -179,7 +179,8 @@ class DistillLoss(nn.Module):
         keep = y != IGNORE_INDEX
         h, y = h[keep], y[keep]
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-        for i in range(0, len(y), EVAL_CHUNK):
-            logits = (h[i : i + EVAL_CHUNK] @ weight.t()).float()
-            total += F.cross_entropy(logits, y[i : i + EVAL_CHUNK], reduction="sum").double()
+        rows = max(1, EVAL_CHUNK_BYTES // (4 * weight.shape[0]))  # a 1024-row chunk at V = 49152 held 2 x 192 MiB
+        for i in range(0, len(y), rows):
+            logits = (h[i : i + rows] @ weight.t()).float()
+            total += F.cross_entropy(logits, y[i : i + rows], reduction="sum").double()
         return torch.stack([total, torch.tensor(float(len(y)), dtype=torch.float64, device=hidden.device)])

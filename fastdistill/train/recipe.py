@@ -708,8 +708,9 @@ def export_student(engine, tokenizer, folder: str, rank: int) -> None:
         if rank == 0:
             tmp = folder + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            # no copy of the weights: safetensors writes ZeRO 1/2's views into a flat buffer as they are (a copy held
+            # a second student on its device while it was written)
+            model.save_pretrained(tmp, state_dict=model.state_dict(), safe_serialization=True)
             if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
                 tokenizer.save_pretrained(tmp)
             shutil.rmtree(folder, ignore_errors=True)
