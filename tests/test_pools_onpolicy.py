@@ -143,6 +143,12 @@ def test_each_pool_follows_its_colocated_onpolicy_trajectory_through_kill_and_re
     kinds = [(got[s]["onpolicy/student_batches"], got[s]["onpolicy/replayed_batches"]) for s in got]
     if pool == "onh":
         assert all(k == (1.0, 0.0) for k in kinds), kinds  # every step generated
+        # what it received: the scores of its own 4 x (8 + 6)-token sequences (step + float32 hidden states of
+        # width 64), not the 4 x 32-token data record's 16 + 256 bytes per token
+        per_token = 4 * 64 + 8 / (4 * 14)
+        assert summary["payload_bytes_per_token"] == pytest.approx(per_token), summary
+        sent = metrics(os.path.join(runs["pools"], pool), ("pools/payload_bytes_per_token",))
+        assert [r["pools/payload_bytes_per_token"] for r in sent.values()] == pytest.approx([per_token] * STEPS), sent
     else:  # fraction 0.5, replay: data, generated and replayed steps, the replayed one after the resume
         assert {k for k in kinds} == {(0.0, 0.0), (1.0, 0.0), (0.0, 1.0)} and kinds[5] == (0.0, 1.0), kinds
 

@@ -50,6 +50,11 @@ class Layout:
     def empty(self) -> torch.Tensor:
         return torch.empty(self.nbytes, dtype=torch.uint8)
 
+    @property
+    def tokens(self) -> int:
+        """The tokens a record carries: rows x positions of its first [rows, positions, ...] field."""
+        return next(int(shape[0]) * int(shape[1]) for _, _, shape in self.fields if len(shape) >= 2)
+
     def pack(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         buf = self.empty()
         for (name, dtype, shape), off in zip(self.fields, self.offsets):

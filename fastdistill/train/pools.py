@@ -258,6 +258,7 @@ class PoolPlan:
         self.wait_s = self.lead = 0.0
         self.records = 0
         self.records_total = 0
+        self.bytes = self.tokens = self.bytes_total = self.tokens_total = 0  # records received: data or scored
         self.acks: list = []
         self.onpolicy = None  # with `onpolicy`: pools_onpolicy.StudentScoring (attach_onpolicy)
 
@@ -320,7 +321,6 @@ class PoolPlan:
             ov = overlaps(self.rank, r, mb, self.teacher_mb)
             if ov is not None:
                 self.pieces.append((r, self.record_layout(self.pool, ov[1] - ov[0], meta)))
-        self.bytes_per_token = sum(lay.nbytes for _, lay in self.pieces) / (mb * self.cfg_all["data"]["seq_len"])
         return meta
 
     def local_teacher(self):
@@ -373,6 +373,8 @@ class PoolPlan:
         self.wait_s += time.perf_counter() - t0
         self.records += 1
         self.records_total += 1
+        self.bytes += sum(lay.nbytes for _, lay, _ in bufs)
+        self.tokens += sum(lay.tokens for _, lay, _ in bufs)
         for p in parts:
             if int(p["step"]) != m:
                 raise bridge_lib.PoolFault(
@@ -405,11 +407,23 @@ class PoolPlan:
         return self.receive(m)
 
     def take_stats(self) -> dict:
-        """Stats since the last call: student wait seconds, records received, mean teacher lead (records ready)."""
-        out = {"wait_s": self.wait_s, "records": self.records, "lead": self.lead / max(self.records, 1)}
+        """Stats since the last call: student wait seconds, records received, mean teacher lead (records ready),
+        bytes per token of the records received (data records, or the scores of the pool's own sequences)."""
+        out = {
+            "wait_s": self.wait_s,
+            "records": self.records,
+            "lead": self.lead / max(self.records, 1),
+            "bytes_per_token": self.bytes / max(self.tokens, 1),
+        }
+        self.bytes_total, self.tokens_total = self.bytes_total + self.bytes, self.tokens_total + self.tokens
         self.wait_s = self.lead = 0.0
-        self.records = 0
+        self.records = self.bytes = self.tokens = 0
         return out
+
+    @property
+    def bytes_per_token_total(self) -> float:
+        """Bytes per token over every record received so far (the pool's summary)."""
+        return (self.bytes_total + self.bytes) / max(self.tokens_total + self.tokens, 1)
 
     def committed(self) -> int:
         """The last committed step (0 when none, or with run.resume: never)."""

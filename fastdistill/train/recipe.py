@@ -570,7 +570,7 @@ def run(cfg: dict) -> dict:
                     "pools/wait_s": st["wait_s"],
                     "pools/wait_fraction": st["wait_s"] / max(elapsed, 1e-9),
                     "pools/teacher_lead": st["lead"],
-                    "pools/payload_bytes_per_token": plan.bytes_per_token,
+                    "pools/payload_bytes_per_token": st["bytes_per_token"],
                 }
             )
             wait_total += st["wait_s"]
@@ -653,7 +653,7 @@ def run(cfg: dict) -> dict:
             wait_seconds=wait_total,
             wait_fraction=wait_total / max(train_s, 1e-9),
             payload=plan.payload,
-            payload_bytes_per_token=plan.bytes_per_token,
+            payload_bytes_per_token=plan.bytes_per_token_total,
             teacher_records_received=plan.records_total,
         )
     export_dir = os.path.join(out_dir, "student")
