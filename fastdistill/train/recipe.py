@@ -184,6 +184,10 @@ def build_student(cfg: dict, teacher_model, loss_fn_factory):
             model_parameters=[p for p in wrapper.parameters() if p.requires_grad],
             config=student_ds_config(cfg),
         )
+    if s["deepspeed"]["stage"] == 0 and engine.dp_world_size == 1:
+        # one data-parallel rank: DeepSpeed would still flatten every gradient into one bucket, all-reduce it over
+        # that one rank and copy it back, a second copy of the gradients per step for nothing
+        engine.enable_backward_allreduce = False
     if s["deepspeed"]["stage"] == 3:
         # the loss reads the lm_head weight directly (not through lm_head.forward): ZeRO-3 must gather it for the
         # wrapper's forward and backward
