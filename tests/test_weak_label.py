@@ -54,6 +54,26 @@ def test_aggregation_rules_by_hand():
         aggregate(log_q, "vote")
 
 
+def test_table_marks_undefined_correlations():
+    from fastdistill.weak_label.run import format_table, pearson
+
+    rating = torch.tensor([2.0, -1.0, 3.0])
+    assert pearson(torch.ones(3), rating) != pearson(torch.ones(3), rating)  # constant scores: r is NaN
+    row = {"a": {"r": float("nan"), "sign_acc": 0.5}, "b": {"r": 0.25, "sign_acc": float("nan")}}
+    summary = {
+        "held_out": {"a": 3, "b": 3},
+        "table": [{"system": "teacher majority N=1", **row}],
+        "train_soft_labels": 4,
+        "num_samples": 1,
+        "seconds_per_sentence": {"teacher_chains_all_samples": 1.0, "teacher_direct": 0.5, "student": 0.1},
+        "student_speedup_vs_teacher_chains": 10.0,
+        "student_speedup_vs_teacher_direct": 5.0,
+    }
+    md = format_table(summary)
+    assert "| teacher majority N=1 | n/a | 0.500 | 0.250 | n/a |" in md
+    assert "nan" not in md and "n/a: undefined" in md
+
+
 def test_verbalizers_multi_token_and_prefix_error():
     ids = task().verbalizer_ids(CODEC)
     assert ids == [list(b" pos"), list(b" neg")]  # several byte tokens each: scored as a sum of log-probs

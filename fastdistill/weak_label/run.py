@@ -288,13 +288,27 @@ def format_table(summary: dict) -> str:
     head = "| system | " + " | ".join(f"r {n} | sign acc {n}" for n in names) + " |"
     sep = "|---|" + "---:|---:|" * len(names)
     lines = [head, sep]
+    undefined = False
+
+    def cell(x: float) -> str:
+        nonlocal undefined
+        if math.isnan(x):
+            undefined = True
+            return "n/a"
+        return f"{x:.3f}"
+
     for row in summary["table"]:
         cells = []
         for n in names:
-            cells += [f"{row[n]['r']:.3f}", f"{row[n]['sign_acc']:.3f}"]
+            cells += [cell(row[n]["r"]), cell(row[n]["sign_acc"])]
         lines.append(f"| {row['system']} | " + " | ".join(cells) + " |")
     sec = summary["seconds_per_sentence"]
     lines.append("")
+    if undefined:
+        lines.append(
+            "n/a: undefined (r: the system gave every sentence of that set the same score, e.g. all its votes for one "
+            "label; sign acc: no sentence of that set outside the neutral band)"
+        )
     lines.append(
         f"held-out sentences: {summary['held_out']}; soft labels: {summary['train_soft_labels']}; "
         f"seconds per sentence: teacher chains ({summary['num_samples']} samples) "
