@@ -54,6 +54,51 @@ def test_aggregation_rules_by_hand():
         aggregate(log_q, "vote")
 
 
+def test_batch_calibration_by_hand():
+    from fastdistill.weak_label.student import batch_calibrate
+
+    p = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.75, 0.25]], dtype=torch.float64)  # mean [0.75, 0.25]
+    q = p / torch.tensor([[0.75, 0.25]], dtype=torch.float64)
+    torch.testing.assert_close(batch_calibrate(p), q / q.sum(-1, keepdim=True))
+    torch.testing.assert_close(batch_calibrate(p)[2], torch.tensor([0.5, 0.5], dtype=torch.float64))  # the mean -> 1/L
+    # the prior from a reference split (the unlabeled one) applied to other rows (the held-out ones)
+    torch.testing.assert_close(batch_calibrate(p[:1], reference=p), batch_calibrate(p)[:1])
+    # the order of the sentences' scores is kept: calibration moves the prior, not the evidence
+    assert torch.equal(batch_calibrate(p)[:, 0].argsort(), p[:, 0].argsort())
+
+
+def test_student_keeps_the_epoch_with_the_lowest_validation_kl():
+    from fastdistill.weak_label.student import build_student, fidelity, train_student
+
+    torch.manual_seed(0)
+    bert = {
+        "model_type": "bert",
+        "vocab_size": 256,
+        "hidden_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+        "max_position_embeddings": 32,
+    }
+    model, tok = build_student(None, ["positive", "negative"], [1.0, -1.0], bert)
+    texts = [f"s{i}" for i in range(12)]
+    probs = torch.softmax(torch.randn(12, 2, dtype=torch.float64), -1)
+    val_probs = torch.softmax(torch.randn(4, 2, dtype=torch.float64), -1)  # unrelated to training: KL wanders
+    vals = ["v0", "v1", "v2", "v3"]
+    logs = []
+    out = train_student(
+        model, tok, texts, probs, epochs=5, batch_size=4, lr=5e-2, max_length=8, seed=0,
+        val_texts=vals, val_probs=val_probs, values=[1.0, -1.0], log=logs.append,
+    )  # fmt: skip
+    kls = [v["kl"] for v in out["val"]]
+    assert len(kls) == 5 and out["best_epoch"] == 1 + kls.index(min(kls))
+    assert out["best_epoch"] < 5  # on this seed the best is not the last epoch: the restore is exercised
+    # the model holds the kept epoch's weights: its fidelity now is that epoch's
+    assert fidelity(model, tok, vals, val_probs, 8, [1.0, -1.0])["kl"] == pytest.approx(min(kls), rel=1e-9)
+    with pytest.raises(ValueError, match="val_texts and val_probs go together"):
+        train_student(model, tok, texts, probs, epochs=1, batch_size=4, lr=1e-3, max_length=8, seed=0, val_texts=vals)
+
+
 def test_table_marks_undefined_correlations():
     from fastdistill.weak_label.run import format_table, pearson
 
@@ -101,6 +146,10 @@ def test_config_errors(tmp_path):
         validate({**base, "task": {**base["task"], "labels": {"positive": " pos", "negative": " neg"}}})
     with pytest.raises(ConfigError, match="aggregation: got 'vote'"):
         validate({**base, "aggregation": "vote"})
+    with pytest.raises(ConfigError, match="student.calibrate: got 'prior'"):
+        validate({**base, "student": {"calibrate": "prior"}})
+    with pytest.raises(ConfigError, match=r"student.validation_fraction: got 1.0; expected a number in \[0, 1\)"):
+        validate({**base, "student": {"validation_fraction": 1.0}})
     with pytest.raises(ConfigError, match="data.source: got"):
         validate({**base, "data": {"source": str(tmp_path / "missing.jsonl")}})
 
@@ -171,6 +220,12 @@ def test_pipeline_on_tiny_models(tmp_path):
         assert f"teacher {rule} N=1" in systems and f"teacher {rule} N=3" in systems
     assert systems[-1].startswith("student")
     assert res["held_out"] == {"file": 12} and res["train_soft_labels"] == 20
+    # the student's targets are batch-calibrated (a row shows them on the held-out split); 4 of the 20 soft-labelled
+    # sentences (validation_fraction 0.2) pick the kept epoch
+    assert "teacher prob_mean N=3, batch-calibrated (the student's targets)" in systems
+    val = res["student_validation"]
+    assert val["sentences"] == 4 and len(val["per_epoch"]) == 2 and val["calibration"] == "batch"
+    assert val["kept_epoch"] == 1 + min(range(2), key=lambda e: val["per_epoch"][e]["kl"])
     assert all(-1 <= r["file"]["r"] <= 1 for r in res["table"])
     assert "student saved to" in proc.stdout
     # the exported student: plain transformers, one logit per label, label names and values in its config
@@ -186,4 +241,7 @@ def test_pipeline_on_tiny_models(tmp_path):
     assert [r for r in res2["table"] if r["system"].startswith("teacher")] == [
         r for r in res["table"] if r["system"].startswith("teacher")
     ]
+    # the teacher's seconds per sentence come from its rows: the resumed run reports those of the run that made them
+    chains = res["seconds_per_sentence"]["teacher_chains_all_samples"]
+    assert chains > 0 and res2["seconds_per_sentence"]["teacher_chains_all_samples"] == chains
     assert os.path.isdir(out / "teacher" / "parts")

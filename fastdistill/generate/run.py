@@ -82,7 +82,8 @@ def generate_to_store(
 
     ``sampling`` None generates nothing (the rows then carry only what ``extra`` adds). ``extra(model, prompts,
     results)``, called with the unsharded model right after sampling, returns one JSON-able dict per prompt, stored in
-    the row's ``extra`` column (weak labels score the verbalizers there, in the same gather).
+    the row's ``extra`` column (weak labels score the verbalizers there, in the same gather) with ``batch_seconds``
+    added: the batch's sampling + ``extra`` time per prompt.
     Returns {"tokens": generated tokens on this rank, "seconds": ..., "prompts": generated on this rank}."""
     import torch.distributed as dist
     from tqdm import tqdm
@@ -105,10 +106,14 @@ def generate_to_store(
         batch = batches[idx] if idx < len(batches) else []
         with unsharded(model) as m:  # every rank joins the gather, with or without a batch
             results: list = [[] for _ in batch]
+            t_batch = time.perf_counter()
             if batch and sampling is not None:
                 prompt_ids = [codec.encode(p.text) for p in batch]
                 results = sample(m, codec, prompt_ids, [p.id for p in batch], sampling, _eos(codec, model))
             extras = extra(m, batch, results) if batch and extra is not None else None
+            if extras is not None:  # the sampling time per prompt travels with the row (a resumed run still has it)
+                per_prompt = (time.perf_counter() - t_batch) / len(batch)
+                extras = [{**e, "batch_seconds": per_prompt} for e in extras]
         store.write(to_rows(batch, results, extras))
         tokens += sum(len(s.token_ids) for g in results for s in g)
         n_prompts += len(batch)

@@ -38,11 +38,13 @@ SCHEMA: dict[str, Any] = {
     "student": {
         "model": (_opt(_str), "all-minilm-l6-v2"),  # builtin name or a Hugging Face folder
         "config": (_opt((dict,)), None),  # random weights (tests)
-        "epochs": (_int, 4),
+        "epochs": (_int, 12),  # the epoch with the lowest validation KL is kept
         "batch_size": (_int, 16),
         "lr": (_float, 1e-4),
         "max_length": (_int, 64),
         "temperature": (_float, 1.0),
+        "calibrate": (_str, "batch"),  # batch | none: divide the soft labels by their mean over the unlabeled split
+        "validation_fraction": (_float, 0.2),  # soft-labelled sentences held out to pick the epoch (no human label)
     },
     "evaluate": {"samples": (_list, [1, 2, 4, 8, 16])},  # N of the aggregation curves (<= sampling.num_samples)
     "logging": {"progress_bar": (_bool, True)},
@@ -69,6 +71,10 @@ def validate(raw: dict) -> dict:
         if not isinstance(spec["verbalizer"], str) or not isinstance(spec.get("value", 0.0), (int, float)):
             raise ConfigError(f"task.labels.{name}: verbalizer must be a string and value a number, got {spec!r}")
     _choice("aggregation", cfg["aggregation"], ("prob_mean", "majority", "score_mean"))
+    _choice("student.calibrate", cfg["student"]["calibrate"], ("batch", "none"))
+    vf = cfg["student"]["validation_fraction"]
+    if not 0.0 <= vf < 1.0:
+        raise ConfigError(f"student.validation_fraction: got {vf}; expected a number in [0, 1)")
     _choice("task.chat_template", cfg["task"]["chat_template"], ("auto", True, False))
     d = cfg["data"]
     if d["source"] != "vader" and not os.path.isfile(d["source"]):

@@ -218,20 +218,40 @@ def _student_and_measure(cfg, task, store, everything, test, train, stats, label
     # -- the student: soft labels of the unlabeled split, aggregated with the configured rule over every sample -----
     s = cfg["student"]
     soft = aggregate(log_q[n_test:], cfg["aggregation"], n_samples)
+    if s["calibrate"] == "batch":
+        # the prior is the mean soft label over the unlabeled split; the held-out row shows what the student learns
+        held = aggregate(log_q[:n_test], cfg["aggregation"], n_samples)
+        table.append(
+            {
+                "system": f"teacher {cfg['aggregation']} N={n_samples}, batch-calibrated (the student's targets)",
+                **measure(expected_score(student_lib.batch_calibrate(held, soft), values)),
+            }
+        )
+        soft = student_lib.batch_calibrate(soft)
+    texts = [e["text"] for e in train]
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg["run"]["seed"] + 2)).tolist()
+    n_val = min(int(round(s["validation_fraction"] * len(train))), len(train) - 1)
+    val_idx, fit_idx = sorted(order[:n_val]), sorted(order[n_val:])
     torch.manual_seed(cfg["run"]["seed"] + 1)
     model, tokenizer = student_lib.build_student(s["model"], task.labels, values, s["config"])
-    say(f"student: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {len(train)} soft labels")
+    say(
+        f"student: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {len(fit_idx)} soft labels "
+        f"to train on, {n_val} to validate on (calibration: {s['calibrate']})"
+    )
     history = student_lib.train_student(
         model,
         tokenizer,
-        [e["text"] for e in train],
-        soft,
+        [texts[i] for i in fit_idx],
+        soft[fit_idx],
         epochs=s["epochs"],
         batch_size=s["batch_size"],
         lr=s["lr"],
         max_length=s["max_length"],
         seed=cfg["run"]["seed"],
         temperature=s["temperature"],
+        val_texts=[texts[i] for i in val_idx] if n_val else None,
+        val_probs=soft[val_idx] if n_val else None,
+        values=values,
         log=say,
     )
     test_texts = [e["text"] for e in test]
@@ -241,20 +261,21 @@ def _student_and_measure(cfg, task, store, everything, test, train, stats, label
     student_s = (time.perf_counter() - t0) / n_test
     table.append(
         {
-            "system": f"student ({cfg['aggregation']} N={n_samples} soft labels)",
+            "system": f"student ({cfg['aggregation']} N={n_samples} soft labels"
+            + (", batch-calibrated)" if s["calibrate"] == "batch" else ")"),
             **measure(expected_score(probs, values)),
         }
     )
     export_dir = student_lib.export(model, tokenizer, os.path.join(out_dir, "student"))
 
-    # teacher time per sentence: its chains (sampling + verbalizer scoring, from the generation stats) vs. direct
-    total_prompts = sum(st["prompts"] for st in stats)
-    chain_s = (
-        sum(st["seconds"] for st in stats) / total_prompts
-        if total_prompts
-        else float("nan")  # everything came from an earlier (resumed) run: timings in results.json of that run
-    )
+    # teacher time per sentence on one rank: its chains (sampling + verbalizer scoring) vs. the direct answer, from
+    # the rows (so a resumed run reports the run that made them); rows without timings: the generation stats
     direct_s = sum(e["direct_seconds"] for e in extras) / len(extras)
+    if all("batch_seconds" in e for e in extras):
+        chain_s = sum(e["batch_seconds"] - e["direct_seconds"] for e in extras) / len(extras)
+    else:
+        total_prompts = sum(st["prompts"] for st in stats)
+        chain_s = sum(st["seconds"] for st in stats) / total_prompts if total_prompts else float("nan")
     summary = {
         "held_out": {name: len(idx) for name, idx in groups.items()},
         "train_soft_labels": len(train),
@@ -262,7 +283,13 @@ def _student_and_measure(cfg, task, store, everything, test, train, stats, label
         "aggregation": cfg["aggregation"],
         "neutral_band": band,
         "table": table,
-        "student_loss_per_epoch": history,
+        "student_loss_per_epoch": history["loss"],
+        "student_validation": {
+            "sentences": n_val,
+            "per_epoch": history["val"],
+            "kept_epoch": history["best_epoch"],
+            "calibration": s["calibrate"],
+        },
         "seconds_per_sentence": {
             "teacher_chains_all_samples": chain_s,
             "teacher_direct": direct_s,
@@ -304,6 +331,15 @@ def format_table(summary: dict) -> str:
         lines.append(f"| {row['system']} | " + " | ".join(cells) + " |")
     sec = summary["seconds_per_sentence"]
     lines.append("")
+    val = summary.get("student_validation") or {}
+    if val.get("per_epoch"):
+        kept = val["per_epoch"][val["kept_epoch"] - 1]
+        lines.append(
+            f"student fidelity to its (calibration: {val['calibration']}) soft labels on {val['sentences']} validation "
+            f"sentences it did not train on: KL {kept['kl']:.4f}, score r {kept['r']:.3f} (epoch {val['kept_epoch']} "
+            f"of {len(val['per_epoch'])}, the lowest validation KL)"
+        )
+        lines.append("")
     if undefined:
         lines.append(
             "n/a: undefined (r: the system gave every sentence of that set the same score, e.g. all its votes for one "

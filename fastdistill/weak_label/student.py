@@ -85,14 +85,24 @@ def train_student(
     max_length: int,
     seed: int,
     temperature: float = 1.0,
+    val_texts: list[str] | None = None,
+    val_probs: torch.Tensor | None = None,
+    values: list[float] | None = None,
     log=print,
-) -> list[float]:
-    """Fit ``model`` to the teacher's label distributions [E, L] with ``distill_loss`` (forward KL); returns the
-    mean loss per epoch."""
+) -> dict:
+    """Fit ``model`` to the teacher's label distributions [E, L] with ``distill_loss`` (forward KL). With a validation
+    split (``val_texts`` / ``val_probs``: sentences the teacher labelled and the student does not train on), the
+    student's fidelity to the teacher is measured after every epoch (``fidelity``) and the model keeps the weights of
+    the epoch with the lowest validation KL. Returns ``{"loss": per-epoch mean loss, "val": per-epoch fidelity or [],
+    "best_epoch": 1-based}``."""
     import fastdistill.functional as FD
 
     if len(texts) != len(teacher_probs):
         raise ValueError(f"train_student: {len(texts)} texts but {len(teacher_probs)} teacher distributions")
+    if (val_texts is None) != (val_probs is None) or (val_texts is not None and len(val_texts) != len(val_probs)):
+        raise ValueError("train_student: val_texts and val_probs go together, one distribution per text")
+    validating = bool(val_texts)
+    best, best_state, val_history = None, None, []
     # log of the soft labels as the teacher's logits; a label no sample chose gets a tiny floor, not -inf
     teacher_logits = teacher_probs.double().clamp_min(1e-6).log().float()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -116,9 +126,43 @@ def train_student(
             sched.step()
             total += float(loss.detach()) * len(idx)
         history.append(total / len(texts))
-        log(f"student epoch {epoch + 1}/{epochs}: distill loss {history[-1]:.4f} ({time.time() - t0:.1f} s)")
+        note = ""
+        if validating:
+            v = fidelity(model, tokenizer, val_texts, val_probs, max_length, values)
+            val_history.append(v)
+            note = f", validation KL to the teacher {v['kl']:.4f}, score r {v['r']:.3f}"
+            if best is None or v["kl"] < val_history[best]["kl"]:
+                best = epoch
+                best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
+            model.train()
+        log(f"student epoch {epoch + 1}/{epochs}: distill loss {history[-1]:.4f}{note} ({time.time() - t0:.1f} s)")
+    if best_state is not None and best != epochs - 1:
+        model.load_state_dict(best_state)
+        log(f"student: kept epoch {best + 1} (lowest validation KL)")
     model.eval()
-    return history
+    return {"loss": history, "val": val_history, "best_epoch": (best if validating else epochs - 1) + 1}
+
+
+def fidelity(model, tokenizer, texts: list[str], teacher_probs: torch.Tensor, max_length: int, values=None) -> dict:
+    """How closely the student follows the teacher on ``texts``: mean KL(teacher || student) over the labels, and the
+    Pearson r between their scores (sum of probabilities x label values; label index when no values)."""
+    from fastdistill.weak_label.run import pearson
+
+    p = predict(model, tokenizer, texts, max_length)
+    q = teacher_probs.double().clamp_min(1e-12)
+    kl = float((q * (q.log() - p.clamp_min(1e-12).log())).sum(-1).mean())
+    v = torch.tensor(values if values is not None else range(p.shape[-1]), dtype=torch.float64)
+    return {"kl": kl, "r": pearson(p @ v, q @ v)}
+
+
+def batch_calibrate(probs: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+    """Batch calibration (Zhou et al., ICLR 2024): divide every label distribution by the mean distribution over
+    ``reference`` (default ``probs`` itself: the unlabeled split) and renormalise, removing the teacher's prior bias
+    towards a label (a small LLM saying "positive" to nearly everything) while keeping each sentence's relative
+    evidence. Uses no human label."""
+    prior = (probs if reference is None else reference).double().mean(0, keepdim=True).clamp_min(1e-12)
+    q = probs.double() / prior
+    return q / q.sum(-1, keepdim=True)
 
 
 @torch.no_grad()
