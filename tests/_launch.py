@@ -113,8 +113,16 @@ def deepspeed_cmd(module: str, args: list[str], nproc: int | None, port: int | N
     ]
 
 
+def _default_sigint() -> None:
+    # a suite started in the background by a shell without job control (`make test &`, `nohup ... &`) inherits
+    # SIGINT and SIGQUIT ignored, and Python then installs no KeyboardInterrupt handler: give the child a terminal's
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 def start(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
-    """Start ``cmd`` in the checkout with :func:`run_env` (``env`` added), in its own process group, output piped."""
+    """Start ``cmd`` in the checkout with :func:`run_env` (``env`` added), in its own process group, output piped,
+    SIGINT / SIGQUIT at their defaults (as from a terminal, whatever the suite inherited)."""
     return subprocess.Popen(
         cmd,
         cwd=REPO,
@@ -123,6 +131,7 @@ def start(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group: a timeout kills the launcher and every rank it started
+        preexec_fn=_default_sigint,
     )
 
 
