@@ -100,7 +100,8 @@ def test_student_keeps_the_epoch_with_the_lowest_validation_kl():
 
 
 def test_table_marks_undefined_correlations():
-    from fastdistill.weak_label.run import format_table, pearson
+    from fastdistill.weak_label.labeling import pearson
+    from fastdistill.weak_label.run import format_table
 
     rating = torch.tensor([2.0, -1.0, 3.0])
     assert pearson(torch.ones(3), rating) != pearson(torch.ones(3), rating)  # constant scores: r is NaN

@@ -18,6 +18,7 @@ An example's score on the rating scale is ``E_p[value]`` (each label has a value
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -103,3 +104,16 @@ def aggregate(log_q: torch.Tensor, rule: str, n: int | None = None) -> torch.Ten
 
 def expected_score(p: torch.Tensor, values: list[float]) -> torch.Tensor:
     return p.double() @ torch.tensor(values, dtype=torch.float64)
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    denom = math.sqrt(float((x * x).sum()) * float((y * y).sum()))
+    return float((x * y).sum()) / denom if denom > 0 else float("nan")
+
+
+def sign_accuracy(score: torch.Tensor, rating: torch.Tensor, band: float) -> float:
+    keep = rating.abs() > band
+    if not bool(keep.any()):
+        return float("nan")
+    return float((torch.sign(score[keep]) == torch.sign(rating[keep])).double().mean())

@@ -22,7 +22,15 @@ from fastdistill.generate.run import ResumeError, generate_to_store, load_teache
 from fastdistill.generate.store import PartStore, _read
 from fastdistill.weak_label import data as data_lib
 from fastdistill.weak_label import student as student_lib
-from fastdistill.weak_label.labeling import RULES, Task, aggregate, answer_contexts, expected_score
+from fastdistill.weak_label.labeling import (
+    RULES,
+    Task,
+    aggregate,
+    answer_contexts,
+    expected_score,
+    pearson,
+    sign_accuracy,
+)
 
 FINGERPRINT = ("teacher", "tokenizer", "data", "task", "sampling")
 
@@ -65,19 +73,6 @@ def _check_resume(out_dir: str, cfg: dict) -> None:
         f.write("#   fastdistill weak-label --config weak_label_config.yaml\n")
         yaml.safe_dump({**cfg, "fingerprint": _fingerprint(cfg)}, f, sort_keys=False)
     os.replace(path + ".tmp", path)
-
-
-def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
-    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
-    denom = math.sqrt(float((x * x).sum()) * float((y * y).sum()))
-    return float((x * y).sum()) / denom if denom > 0 else float("nan")
-
-
-def sign_accuracy(score: torch.Tensor, rating: torch.Tensor, band: float) -> float:
-    keep = rating.abs() > band
-    if not bool(keep.any()):
-        return float("nan")
-    return float((torch.sign(score[keep]) == torch.sign(rating[keep])).double().mean())
 
 
 def run(cfg: dict) -> dict:

